@@ -1,0 +1,57 @@
+"""One error tree: transient errors are retried, permanent ones are recorded and skipped.
+
+Every class takes a single message string so that instances survive pickling across the
+decoding worker processes unchanged.
+"""
+
+
+class BridgeError(Exception):
+    """Root of every error the bridge raises on purpose."""
+
+
+class ConfigError(BridgeError):
+    """Raised when the configuration file is missing, malformed, or has an unknown or bad key."""
+
+
+class StateError(BridgeError):
+    """Raised when the state directory cannot be opened or written."""
+
+
+class FeedResetError(BridgeError):
+    """Raised when the source's change log ends below the saved cursor (database reset)."""
+
+
+class TransientError(BridgeError):
+    """Raised for failures that may pass by themselves; the operation is retried."""
+
+
+class ServerUnavailable(TransientError):
+    """Raised when an Orthanc server cannot be reached, times out, or answers 5xx."""
+
+
+class PermanentError(BridgeError):
+    """Raised for failures that retrying cannot fix; the instance is recorded as failed."""
+
+
+class Rejected(PermanentError):
+    """Raised when an Orthanc server refuses a request with a 4xx answer."""
+
+
+class NotFound(Rejected):
+    """Raised when an Orthanc server answers 404 (e.g. the instance was deleted meanwhile)."""
+
+
+class DecodeError(PermanentError):
+    """Raised when an instance cannot be parsed or its pixel data cannot be decoded."""
+
+
+class UnsupportedSyntax(PermanentError):
+    """Raised when an instance's transfer syntax cannot become native pixels (video, JPIP...)."""
+
+
+class TooLarge(PermanentError):
+    """Raised when an instance's declared decoded size exceeds the configured limit."""
+
+
+class VerificationFailed(PermanentError):
+    """Raised when the target does not hold the converted instance after upload."""
