@@ -55,3 +55,7 @@ class TooLarge(PermanentError):
 
 class VerificationFailed(PermanentError):
     """Raised when the target does not hold the converted instance after upload."""
+
+
+class Interrupted(BridgeError):
+    """Raised inside in-flight work when shutdown abandons it; it is redone on restart."""

@@ -1,0 +1,210 @@
+"""The configuration: frozen dataclasses and the one loader that validates `bridge.yaml`.
+
+Every key is checked: an unknown key or a bad value is a ConfigError that names the key, so
+that a typo never silently falls back to a default. Credentials may come from the environment
+(BRIDGE_SOURCE_USERNAME, BRIDGE_SOURCE_PASSWORD, BRIDGE_TARGET_USERNAME, BRIDGE_TARGET_PASSWORD),
+which overrides the file, so that secrets need not be written into it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from bridge.errors import ConfigError
+
+RESET_POLICIES = ("stop", "rewind")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to reach one Orthanc server."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    timeout: float = 60.0
+    verify_tls: bool | str = True
+
+    def __post_init__(self) -> None:
+        # Normalise once so that every request can append "/path" without doubling slashes.
+        object.__setattr__(self, "url", self.url.rstrip("/"))
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the bridge needs to run; built only by `load`."""
+
+    source: ServerConfig
+    target: ServerConfig
+    state_dir: Path
+    delete_original: bool = False
+    workers: int = 0
+    poll_interval: float = 1.0
+    page_size: int = 1000
+    max_decoded_mb: int = 2048
+    max_inflight_mb: int = 1024
+    forward_unchanged: frozenset[str] = frozenset()
+    on_source_reset: str = "stop"
+    catch_up_retry_seconds: float = 300.0
+    log_level: str = "INFO"
+
+    @property
+    def worker_count(self) -> int:
+        """Decoding processes to start: the configured number, or one per CPU."""
+        return self.workers or os.cpu_count() or 1
+
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A mapping being read key by key; whatever is left unread at the end is an unknown key."""
+
+    def __init__(self, raw: object, path: str) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{path or 'the file'}: expected a mapping of keys, got {_kind(raw)}")
+        self._raw = dict(raw)
+        self._path = path
+
+    def _name(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def take(self, key: str, kind: type[T], default: T | None = None, required: bool = False) -> T:
+        """Remove `key` and return its value checked against `kind`."""
+        if key not in self._raw or self._raw[key] is None:
+            self._raw.pop(key, None)
+            if required:
+                raise ConfigError(f"{self._name(key)}: required key is missing")
+            return default  # type: ignore[return-value]
+        value = self._raw.pop(key)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ConfigError(f"{self._name(key)}: expected {kind.__name__}, got {_kind(value)}")
+        return value
+
+    def section(self, key: str) -> _Section:
+        """Remove `key` and return it as a nested section."""
+        return _Section(self._raw.pop(key, None), self._name(key))
+
+    def finish(self) -> None:
+        """Fail on the first key that nothing asked for."""
+        for key in self._raw:
+            raise ConfigError(f"{self._name(str(key))}: unknown key")
+
+
+def _kind(value: object) -> str:
+    return type(value).__name__ if value is not None else "nothing"
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name}: must be greater than 0, got {value}")
+
+
+def _server(section: _Section, role: str, env: Mapping[str, str]) -> ServerConfig:
+    url = section.take("url", str, required=True)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{role}.url: expected http://host:port or https://..., got {url!r}")
+    username = section.take("username", str)
+    password = section.take("password", str)
+    timeout = section.take("timeout", float, 60.0)
+    _positive(f"{role}.timeout", timeout)
+    verify = section.take("verify_tls", object, True)
+    if not isinstance(verify, (bool, str)):
+        raise ConfigError(f"{role}.verify_tls: expected true, false or a CA bundle path")
+    section.finish()
+    prefix = f"BRIDGE_{role.upper()}_"
+    username = env.get(prefix + "USERNAME") or username
+    password = env.get(prefix + "PASSWORD") or password
+    if password and not username:
+        raise ConfigError(f"{role}.username: a password is set but no username")
+    return ServerConfig(url, username, password, timeout, verify)
+
+
+def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Build a Config from parsed YAML; relative paths are taken from `base_dir`."""
+    env = os.environ if env is None else env
+    top = _Section(raw, "")
+    source = _server(top.section("source"), "source", env)
+    target = _server(top.section("target"), "target", env)
+    if source.url == target.url:
+        raise ConfigError("target.url: must differ from source.url")
+    state_dir = Path(top.take("state_dir", str, "./state")).expanduser()
+    defaults = Config(source, target, state_dir)
+    config = Config(
+        source=source,
+        target=target,
+        state_dir=state_dir if state_dir.is_absolute() else base_dir / state_dir,
+        delete_original=top.take("delete_original", bool, defaults.delete_original),
+        workers=top.take("workers", int, defaults.workers),
+        poll_interval=top.take("poll_interval", float, defaults.poll_interval),
+        page_size=top.take("page_size", int, defaults.page_size),
+        max_decoded_mb=top.take("max_decoded_mb", int, defaults.max_decoded_mb),
+        max_inflight_mb=top.take("max_inflight_mb", int, defaults.max_inflight_mb),
+        forward_unchanged=frozenset(_uid_list(top, "forward_unchanged")),
+        on_source_reset=top.take("on_source_reset", str, defaults.on_source_reset),
+        catch_up_retry_seconds=top.take(
+            "catch_up_retry_seconds", float, defaults.catch_up_retry_seconds
+        ),
+        log_level=top.take("log_level", str, defaults.log_level).upper(),
+    )
+    top.finish()
+    _check_ranges(config)
+    return config
+
+
+def _uid_list(top: _Section, key: str) -> list[str]:
+    values: list[Any] = top.take(key, list, [])
+    for value in values:
+        if not isinstance(value, str) or not all(p.isdigit() for p in value.split(".")):
+            raise ConfigError(f"{key}: expected transfer syntax UIDs like 1.2.840.10008.1.2.4.100")
+    return values
+
+
+def _check_ranges(config: Config) -> None:
+    if config.workers < 0:
+        raise ConfigError(f"workers: must be 0 (one per CPU) or more, got {config.workers}")
+    _positive("poll_interval", config.poll_interval)
+    if not 1 <= config.page_size <= 10000:
+        raise ConfigError(f"page_size: must be between 1 and 10000, got {config.page_size}")
+    _positive("max_decoded_mb", config.max_decoded_mb)
+    _positive("max_inflight_mb", config.max_inflight_mb)
+    _positive("catch_up_retry_seconds", config.catch_up_retry_seconds)
+    if config.on_source_reset not in RESET_POLICIES:
+        raise ConfigError(
+            f"on_source_reset: expected one of {', '.join(RESET_POLICIES)}, "
+            f"got {config.on_source_reset!r}"
+        )
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
+        )
+
+
+def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the YAML file at `path`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return parse(raw, path.resolve().parent, env)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

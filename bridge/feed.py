@@ -1,0 +1,67 @@
+"""Following the source's `/changes` log: instance arrivals, progress marks, and resets.
+
+The feed yields a `NewInstance` for every instance arrival and a `Scanned` mark after each
+page, so that the cursor can move past rows that need no work (new series, stable studies).
+A log that ends below the cursor means the source database was reset or replaced: that is
+raised as FeedResetError, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from bridge.errors import FeedResetError
+from bridge.orthanc import OrthancClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    """An instance arrived in the source at change `seq`."""
+
+    seq: int
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """Every change up to and including `seq` has been read (and yielded when relevant)."""
+
+    seq: int
+
+
+Event = NewInstance | Scanned
+
+
+def follow(
+    client: OrthancClient,
+    since: int,
+    *,
+    page_size: int,
+    stop: threading.Event,
+    poll_interval: float,
+    forever: bool,
+) -> Iterator[Event]:
+    """Yield events after `since`; stop at the end of the log unless `forever`."""
+    while not stop.is_set():
+        page = client.changes(since, page_size)
+        if not page.changes and page.last < since:
+            raise FeedResetError(
+                f"the source's change log ends at {page.last} but the cursor is at {since}: "
+                "the source database was reset or replaced"
+            )
+        for change in page.changes:
+            if change.change_type == "NewInstance" and change.resource_type == "Instance":
+                yield NewInstance(change.seq, change.resource_id)
+        if page.changes:
+            since = page.changes[-1].seq
+            yield Scanned(since)
+        if page.done:
+            if not forever:
+                return
+            # Caught up: wait for new rows, waking at once on shutdown.
+            stop.wait(poll_interval)

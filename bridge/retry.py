@@ -1,0 +1,60 @@
+"""The one retry policy: transient errors are retried with exponential backoff and jitter.
+
+`run` retries without limit (a hospital's Orthanc may be down for an hour); `catch-up` gives up
+after a bounded wait. A single stop Event ends both the retries and the sleeps between them,
+so that SIGTERM is honoured at once even in the middle of a backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import tenacity
+
+from bridge.errors import TransientError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep retrying transient failures; None means forever."""
+
+    stop: threading.Event
+    max_wait: float | None = None
+    initial: float = 0.5
+    longest: float = 30.0
+
+    def call(self, fn: Callable[[], T], what: str) -> T:
+        """Run `fn`, retrying TransientError; re-raise the last one when the policy gives up."""
+        give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stop)
+        if self.max_wait is not None:
+            give_up = give_up | tenacity.stop_after_delay(self.max_wait)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(TransientError),
+            wait=tenacity.wait_random_exponential(multiplier=self.initial, max=self.longest),
+            stop=give_up,
+            sleep=tenacity.nap.sleep_using_event(self.stop),
+            before_sleep=_log_retry(what),
+            reraise=True,
+        )
+        return retrying(fn)
+
+
+def no_retry(stop: threading.Event | None = None) -> RetryPolicy:
+    """A policy that tries once: for commands that must answer quickly, like `status`."""
+    return RetryPolicy(stop or threading.Event(), max_wait=0.0)
+
+
+def _log_retry(what: str) -> Callable[[tenacity.RetryCallState], None]:
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning("%s: %s; retry %d in %.1f s", what, error, state.attempt_number, delay)
+
+    return before_sleep

@@ -1,0 +1,113 @@
+"""One instance, start to finish: download -> transcode -> upload -> verify -> delete.
+
+The target is trusted only after it says which transfer syntax it holds: `AlreadyStored` may
+mean it kept an older compressed copy (Orthanc's default `OverwriteInstances: false`), which is
+then replaced. The original is deleted only when the target verifiably holds the instance in
+Explicit VR Little Endian.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from bridge.errors import (
+    Interrupted,
+    NotFound,
+    PermanentError,
+    UnsupportedSyntax,
+    VerificationFailed,
+)
+from bridge.feed import NewInstance
+from bridge.orthanc import OrthancClient
+from bridge.state import CONVERTED, FAILED, FORWARDED, UNSUPPORTED, VANISHED, Entry
+from bridge.transcode import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
+
+log = logging.getLogger(__name__)
+
+Decoder = Callable[[bytes], Transcoded]
+
+
+@dataclass
+class Transfer:
+    """Moves single instances from source to target; shared by all transfer threads."""
+
+    source: OrthancClient
+    target: OrthancClient
+    decode: Decoder
+    delete_original: bool
+    stop: threading.Event
+
+    def run(self, item: NewInstance) -> Entry:
+        """Move one instance; permanent problems come back as a FAILED/UNSUPPORTED entry.
+
+        TransientError (a server still down when the retry policy gives up) and Interrupted
+        (shutdown) propagate: the instance is then not finished and will be redone.
+        """
+        started = time.monotonic()
+        iid = item.instance_id
+        try:
+            data = self.source.download(iid)
+        except NotFound:
+            log.warning("instance %s: deleted from the source before it was converted", iid)
+            return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
+        syntax: str | None = None
+        try:
+            result = self.decode(data)
+            syntax = result.source_syntax
+            del data  # the original may be large; only the converted copy is needed now
+            self._checkpoint()
+            expected = result.source_syntax if result.forwarded else EXPLICIT_VR_LITTLE_ENDIAN
+            self._store(iid, result, expected)
+        except UnsupportedSyntax as exc:
+            log.error("instance %s: kept in the source, unsupported: %s", iid, exc)
+            return Entry(iid, item.seq, UNSUPPORTED, syntax, str(exc), _since(started))
+        except PermanentError as exc:
+            log.error("instance %s: kept in the source, failed: %s", iid, exc)
+            return Entry(iid, item.seq, FAILED, syntax, str(exc), _since(started))
+        deleted = False
+        if self.delete_original and expected == EXPLICIT_VR_LITTLE_ENDIAN:
+            self.source.delete(iid)
+            deleted = True
+        state = FORWARDED if expected != EXPLICIT_VR_LITTLE_ENDIAN else CONVERTED
+        seconds = _since(started)
+        log.info(
+            "instance %s: %s (%s) in %.0f ms%s",
+            iid,
+            state,
+            result.source_syntax,
+            seconds * 1000,
+            ", original deleted" if deleted else "",
+        )
+        return Entry(iid, item.seq, state, result.source_syntax, None, seconds, deleted)
+
+    def _store(self, iid: str, result: Transcoded, expected: str) -> None:
+        stored = self.target.upload(result.data)
+        if stored.instance_id != iid:
+            raise VerificationFailed(
+                f"the target stored it as {stored.instance_id}, not {iid}: identifiers changed"
+            )
+        held = self.target.transfer_syntax(iid)
+        if held != expected and stored.status == "AlreadyStored":
+            # The target kept an older copy (compressed, or sent by something else): replace it.
+            log.info("instance %s: target held it as %s; replacing that copy", iid, held)
+            self._checkpoint()
+            self.target.delete(iid)
+            self.target.upload(result.data)
+            held = self.target.transfer_syntax(iid)
+        if held != expected:
+            raise VerificationFailed(
+                f"after upload the target holds it as {held or 'nothing'}, expected {expected}"
+            )
+
+    def _checkpoint(self) -> None:
+        """Abandon the instance here when shutting down; nothing of it is recorded."""
+        if self.stop.is_set():
+            raise Interrupted("shutting down")
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
