@@ -118,6 +118,9 @@ def _server(section: _Section, role: str, env: Mapping[str, str]) -> ServerConfi
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{role}.url: expected http://host:port or https://..., got {url!r}")
+    if parts.username or parts.password:
+        # URLs end up in logs; credentials belong in username/password or the environment.
+        raise ConfigError(f"{role}.url: must not contain credentials; use {role}.username/password")
     username = section.take("username", str)
     password = section.take("password", str)
     timeout = section.take("timeout", float, 60.0)

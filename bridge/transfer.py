@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from bridge.budget import ByteBudget
 from bridge.errors import (
     Interrupted,
     NotFound,
@@ -40,6 +41,7 @@ class Transfer:
     decode: Decoder
     delete_original: bool
     stop: threading.Event
+    budget: ByteBudget
 
     def run(self, item: NewInstance) -> Entry:
         """Move one instance; permanent problems come back as a FAILED/UNSUPPORTED entry.
@@ -49,25 +51,30 @@ class Transfer:
         """
         started = time.monotonic()
         iid = item.instance_id
+        self.budget.wait_for_room()
         try:
             data = self.source.download(iid)
         except NotFound:
             log.warning("instance %s: deleted from the source before it was converted", iid)
             return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
         syntax: str | None = None
-        try:
-            result = self.decode(data)
-            syntax = result.source_syntax
-            del data  # the original may be large; only the converted copy is needed now
-            self._checkpoint()
-            expected = result.source_syntax if result.forwarded else EXPLICIT_VR_LITTLE_ENDIAN
-            self._store(iid, result, expected)
-        except UnsupportedSyntax as exc:
-            log.error("instance %s: kept in the source, unsupported: %s", iid, exc)
-            return Entry(iid, item.seq, UNSUPPORTED, syntax, str(exc), _since(started))
-        except PermanentError as exc:
-            log.error("instance %s: kept in the source, failed: %s", iid, exc)
-            return Entry(iid, item.seq, FAILED, syntax, str(exc), _since(started))
+        with self.budget.holding() as holding:
+            holding.set(len(data))
+            try:
+                result = self.decode(data)
+                syntax = result.source_syntax
+                # Only the converted copy is needed from here: free the original's share.
+                del data
+                holding.set(len(result.data))
+                self._checkpoint()
+                expected = result.source_syntax if result.forwarded else EXPLICIT_VR_LITTLE_ENDIAN
+                self._store(iid, result, expected)
+            except UnsupportedSyntax as exc:
+                log.error("instance %s: kept in the source, unsupported: %s", iid, exc)
+                return Entry(iid, item.seq, UNSUPPORTED, syntax, str(exc), _since(started))
+            except PermanentError as exc:
+                log.error("instance %s: kept in the source, failed: %s", iid, exc)
+                return Entry(iid, item.seq, FAILED, syntax, str(exc), _since(started))
         deleted = False
         if self.delete_original and expected == EXPLICIT_VR_LITTLE_ENDIAN:
             self.source.delete(iid)
@@ -75,7 +82,7 @@ class Transfer:
         state = FORWARDED if expected != EXPLICIT_VR_LITTLE_ENDIAN else CONVERTED
         seconds = _since(started)
         log.info(
-            "instance %s: %s (%s) in %.0f ms%s",
+            "instance %s: %s from %s in %.0f ms%s",
             iid,
             state,
             result.source_syntax,

@@ -1,0 +1,69 @@
+"""A byte budget: memory in flight is bounded by bytes, not by instance count.
+
+One large multi-frame instance weighs as much as hundreds of CT slices; counting instances
+would let a burst of them exhaust memory. A single item larger than the whole budget is still
+admitted when nothing else is in flight, so that it cannot block the bridge forever.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from bridge.errors import Interrupted
+
+
+class ByteBudget:
+    """Blocks callers while the bytes they hold would exceed `limit`."""
+
+    def __init__(self, limit: int, stop: threading.Event) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._stop = stop
+        self._cond = threading.Condition()
+
+    def wait_for_room(self) -> None:
+        """Block until something is left of the budget (before a download of unknown size)."""
+        self._wait(lambda: self.used < self.limit)
+
+    def resize(self, held: int, wanted: int) -> int:
+        """Change a holding from `held` to `wanted` bytes, blocking while growth does not fit."""
+        if wanted > held:
+            grow = wanted - held
+            self._wait(lambda: self.used == held or self.used + grow <= self.limit)
+        with self._cond:
+            self.used += wanted - held
+            self.peak = max(self.peak, self.used)
+            self._cond.notify_all()
+        return wanted
+
+    @contextmanager
+    def holding(self) -> Iterator[Holding]:
+        """A holding that starts empty and is given back in full on exit."""
+        holding = Holding(self)
+        try:
+            yield holding
+        finally:
+            holding.set(0)
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        with self._cond:
+            while not ready():
+                if self._stop.is_set():
+                    raise Interrupted("shutting down")
+                # Wake periodically to notice shutdown; releases also wake us at once.
+                self._cond.wait(0.2)
+
+
+class Holding:
+    """The bytes one piece of work holds of a budget."""
+
+    def __init__(self, budget: ByteBudget) -> None:
+        self._budget = budget
+        self.bytes = 0
+
+    def set(self, wanted: int) -> None:
+        """Hold `wanted` bytes from now on, waiting for room if that is more than before."""
+        self.bytes = self._budget.resize(self.bytes, wanted)

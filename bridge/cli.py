@@ -1,0 +1,263 @@
+"""The command line: subcommands, logging, signals -> one stop Event, and named exit codes.
+
+Expected failures (bad configuration, a server down, an undecodable file) end in one clear
+line on stderr and an exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+
+from bridge import __version__
+from bridge.config import Config, load
+from bridge.errors import BridgeError, ConfigError, StateError
+from bridge.orthanc import OrthancClient
+from bridge.pipeline import Pipeline, Summary
+from bridge.retry import RetryPolicy, no_retry
+from bridge.state import PROBLEMS, State
+
+log = logging.getLogger("bridge")
+
+EXIT_OK = 0
+EXIT_NOT_ALL_CONVERTED = 1  # catch-up/retry/reconcile: some instance was not delivered
+EXIT_CONFIG = 2  # bad command line or configuration
+EXIT_STATE = 3  # state directory unusable, or another bridge holds it
+EXIT_UNREACHABLE = 4  # status: a server did not answer
+EXIT_SOURCE_RESET = 5  # the source's change log went backwards and the policy is "stop"
+EXIT_FORCED = 130  # a second signal: left at once
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `orthanc-bridge` and `python -m bridge`."""
+    args = _parser().parse_args(argv)
+    try:
+        config = load(Path(args.config))
+        _setup_logging("DEBUG" if args.verbose else config.log_level)
+        command: Callable[[argparse.Namespace, Config], int] = args.command
+        return command(args, config)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return EXIT_CONFIG
+    except StateError as exc:
+        _fail(str(exc))
+        return EXIT_STATE
+    except BridgeError as exc:
+        _fail(str(exc))
+        return EXIT_UNREACHABLE
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-c", "--config", default="bridge.yaml", help="configuration file (default: bridge.yaml)"
+    )
+    common.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser = argparse.ArgumentParser(
+        prog="orthanc-bridge",
+        description="Decompress every instance arriving in one Orthanc into another.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    commands: list[tuple[str, Callable[[argparse.Namespace, Config], int], str]] = [
+        ("run", _run, "follow the source for ever (the daemon)"),
+        ("catch-up", _catch_up, "process every change up to the end of the feed, then exit"),
+        ("status", _status, "cursor, backlog and counts; failures with their reasons"),
+        ("retry", _retry, "process again the instances recorded as failed or unsupported"),
+        ("reconcile", _reconcile, "convert every source instance the target lacks"),
+    ]
+    for name, func, text in commands:
+        command = sub.add_parser(name, parents=[common], help=text, description=text)
+        command.set_defaults(command=func)
+        if name == "status":
+            command.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # urllib3 logs every retry and connection at DEBUG/WARNING; our own messages say more.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+
+
+def _fail(message: str) -> None:
+    print(f"orthanc-bridge: error: {message}", file=sys.stderr)
+
+
+# --- signals ------------------------------------------------------------------------------
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """First SIGTERM/SIGINT sets `stop`; a second one exits at once."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            os._exit(EXIT_FORCED)
+        log.info("%s received: finishing in-flight work, then exiting", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, OrthancClient]:
+    return (
+        OrthancClient(config.source, "source", retry),
+        OrthancClient(config.target, "target", retry),
+    )
+
+
+def _with_pipeline(
+    config: Config, forever: bool, work: Callable[[Pipeline, OrthancClient, OrthancClient], Summary]
+) -> Summary:
+    stop = threading.Event()
+    retry = RetryPolicy(stop, max_wait=None if forever else config.catch_up_retry_seconds)
+    source, target = _clients(config, retry)
+    state = State(config.state_dir)
+    with _stop_on_signals(stop):
+        pipeline = Pipeline(config, state, source, target, stop)
+        try:
+            return work(pipeline, source, target)
+        finally:
+            pipeline.close()
+            state.close()
+            source.close()
+            target.close()
+
+
+def _run(args: argparse.Namespace, config: Config) -> int:
+    log.info(
+        "orthanc-bridge %s: following %s, converting into %s, %d decoding processes",
+        __version__,
+        config.source.url,
+        config.target.url,
+        config.worker_count,
+    )
+    summary = _with_pipeline(config, True, lambda p, s, t: p.follow(forever=True))
+    if summary.stopped_by:
+        _fail(summary.stopped_by)
+        return EXIT_SOURCE_RESET
+    log.info("stopped; cursor saved")
+    return EXIT_OK
+
+
+def _catch_up(args: argparse.Namespace, config: Config) -> int:
+    started = time.monotonic()
+    summary = _with_pipeline(config, False, lambda p, s, t: p.follow(forever=False))
+    return _report("catch-up", summary, time.monotonic() - started)
+
+
+def _retry(args: argparse.Namespace, config: Config) -> int:
+    started = time.monotonic()
+
+    def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
+        ids = pipeline.state.requeue(PROBLEMS)
+        log.info("retrying %d instances", len(ids))
+        return pipeline.process(ids)
+
+    return _report("retry", _with_pipeline(config, False, work), time.monotonic() - started)
+
+
+def _reconcile(args: argparse.Namespace, config: Config) -> int:
+    started = time.monotonic()
+
+    def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
+        missing = sorted(set(source.instance_ids()) - set(target.instance_ids()))
+        log.info("the target lacks %d of the source's instances", len(missing))
+        return pipeline.process(missing)
+
+    return _report("reconcile", _with_pipeline(config, False, work), time.monotonic() - started)
+
+
+def _report(what: str, summary: Summary, seconds: float) -> int:
+    done = sum(summary.counts.values())
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(summary.counts.items())) or "nothing"
+    print(f"{what}: {counts} in {seconds:.1f} s ({done / seconds if seconds else 0:.1f}/s)")
+    for entry in summary.problems:
+        print(f"  {entry.state} {entry.instance_id}: {entry.error}")
+    for iid, reason in summary.unfinished.items():
+        print(f"  not finished {iid}: {reason}")
+    if summary.stopped_by:
+        print(f"  stopped: {summary.stopped_by}")
+    if summary.stopped_by and "reset" in summary.stopped_by:
+        return EXIT_SOURCE_RESET
+    return EXIT_OK if summary.ok else EXIT_NOT_ALL_CONVERTED
+
+
+def _status(args: argparse.Namespace, config: Config) -> int:
+    if not (config.state_dir / State.FILE).exists():
+        raise StateError(f"no state in {config.state_dir} yet: the bridge has never run there")
+    state = State(config.state_dir, read_only=True)
+    try:
+        cursor = state.cursor()
+        counts = state.counts()
+        problems = state.entries(PROBLEMS, limit=50)
+    finally:
+        state.close()
+    source, target = _clients(config, no_retry())
+    report: dict[str, object] = {"cursor": cursor, "counts": counts}
+    unreachable = False
+    try:
+        last = source.last_change()
+        report["source_last_change"] = last
+        report["behind"] = max(0, last - cursor)
+    except BridgeError as exc:
+        report["source_error"] = str(exc)
+        unreachable = True
+    try:
+        target.system()
+    except BridgeError as exc:
+        report["target_error"] = str(exc)
+        unreachable = True
+    report["problems"] = [
+        {"instance": e.instance_id, "state": e.state, "syntax": e.source_syntax, "reason": e.error}
+        for e in problems
+    ]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return EXIT_UNREACHABLE if unreachable else EXIT_OK
+
+
+def _print_status(report: dict[str, object]) -> None:
+    print(f"cursor:        change {report['cursor']}")
+    if "source_last_change" in report:
+        print(
+            f"source:        last change {report['source_last_change']}, "
+            f"{report['behind']} changes behind"
+        )
+    for role in ("source", "target"):
+        if f"{role}_error" in report:
+            print(f"{role}:        UNREACHABLE: {report[f'{role}_error']}")
+    counts = report["counts"]
+    assert isinstance(counts, dict)
+    print("instances:     " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+    problems = report["problems"]
+    assert isinstance(problems, list)
+    if problems:
+        print("kept in the source (run `orthanc-bridge retry` after fixing the cause):")
+        for p in problems:
+            print(f"  {p['state']} {p['instance']} ({p['syntax']}): {p['reason']}")

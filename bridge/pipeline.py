@@ -1,0 +1,285 @@
+"""Concurrency: many instances in flight, decoding on every core, the cursor behind them all.
+
+Transfer threads download and upload (network I/O releases the GIL) while a pool of worker
+processes decodes (no JPEG 2000 decoder releases the GIL, so threads would not help). Memory
+is bounded by a byte budget. Instances finish out of order; the cursor only ever moves to just
+below the lowest change still in flight, so a crash at any moment redoes only unfinished work.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from bridge import feed
+from bridge.budget import ByteBudget
+from bridge.config import MIB, Config
+from bridge.errors import DecodeError, FeedResetError, Interrupted, TransientError
+from bridge.orthanc import OrthancClient
+from bridge.state import FAILED, PROBLEMS, Entry, State
+from bridge.transcode import Transcoded, TranscodeOptions, transcode
+from bridge.transfer import Transfer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    """What one run did, for the closing report and the exit code."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[Entry] = field(default_factory=list)
+    unfinished: dict[str, str] = field(default_factory=dict)
+    stopped_by: str | None = None
+    peak_inflight_bytes: int = 0
+
+    def add(self, entry: Entry) -> None:
+        """Count one finished instance."""
+        self.counts[entry.state] = self.counts.get(entry.state, 0) + 1
+        if entry.state in PROBLEMS:
+            self.problems.append(entry)
+
+    @property
+    def ok(self) -> bool:
+        """True when every instance seen was delivered."""
+        return not self.problems and not self.unfinished and self.stopped_by is None
+
+
+class Progress:
+    """Which changes are in flight; the durable cursor sits just below the lowest of them."""
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+        self._lock = threading.Lock()
+        self._inflight: set[int] = set()
+        self._scanned = self._saved = state.cursor()
+
+    def start(self, seq: int) -> None:
+        """A change is dispatched; the cursor must not pass it until it finishes."""
+        with self._lock:
+            self._inflight.add(seq)
+
+    def finish(self, entry: Entry) -> None:
+        """Record an instance's outcome and move the cursor in one transaction."""
+        with self._lock:
+            if entry.seq is not None:
+                self._inflight.discard(entry.seq)
+            self._state.record(entry, self._advance())
+
+    def scanned(self, seq: int) -> None:
+        """Every change up to `seq` was read; move the cursor if nothing below is in flight."""
+        with self._lock:
+            self._scanned = max(self._scanned, seq)
+            cursor = self._advance()
+            if cursor is not None:
+                self._state.set_cursor(cursor)
+
+    def rewind(self) -> None:
+        """Start again from the beginning of a new change log (nothing may be in flight)."""
+        with self._lock:
+            self._scanned = self._saved = 0
+            self._state.set_cursor(0)
+
+    def _advance(self) -> int | None:
+        """The new cursor, or None when it has not moved."""
+        cursor = min(self._inflight) - 1 if self._inflight else self._scanned
+        if cursor <= self._saved:
+            return None
+        self._saved = cursor
+        return cursor
+
+
+class Pipeline:
+    """Runs transfers concurrently: `follow` for the change log, `process` for given IDs."""
+
+    def __init__(
+        self,
+        config: Config,
+        state: State,
+        source: OrthancClient,
+        target: OrthancClient,
+        stop: threading.Event,
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.source = source
+        self.stop = stop
+        self.summary = Summary()
+        workers = config.worker_count
+        self._options = TranscodeOptions(
+            max_decoded_bytes=config.max_decoded_mb * MIB,
+            forward_unchanged=config.forward_unchanged,
+        )
+        self._budget = ByteBudget(config.max_inflight_mb * MIB, stop)
+        self._pool_lock = threading.Lock()
+        self._pool = self._new_pool()
+        # Enough threads that every decoding process has the next instance downloaded and
+        # the previous one uploading.
+        self._threads = ThreadPoolExecutor(workers * 2 + 2, thread_name_prefix="transfer")
+        self._slots = threading.Semaphore(workers * 3 + 2)
+        self._pending: set[Future[None]] = set()
+        self._pending_lock = threading.Lock()
+        self._transfer = Transfer(
+            source, target, self._decode, config.delete_original, stop, self._budget
+        )
+        self._progress = Progress(state)
+
+    # --- entry points ---------------------------------------------------------------------
+
+    def follow(self, forever: bool) -> Summary:
+        """Process the change log from the saved cursor; to its end, or until stopped."""
+        while not self.stop.is_set():
+            try:
+                self._follow_once(forever)
+                break
+            except FeedResetError as exc:
+                if self.config.on_source_reset != "rewind":
+                    self._drain()
+                    self.summary.stopped_by = (
+                        f"{exc}. Nothing was skipped. To process the new database from its "
+                        "start set on_source_reset: rewind (instances the target already holds "
+                        "are checked, not duplicated)"
+                    )
+                    break
+                log.warning("%s; on_source_reset is rewind: starting again from 0", exc)
+                self._drain()
+                self._progress.rewind()
+            except TransientError as exc:
+                # Only catch-up gives up on a server; `run` retries without limit.
+                self.summary.stopped_by = f"gave up waiting for a server: {exc}"
+                self.stop.set()
+        self._drain()
+        return self.summary
+
+    def process(self, instance_ids: Iterable[str]) -> Summary:
+        """Process instances by ID, outside the change log (for `retry` and `reconcile`)."""
+        for iid in instance_ids:
+            if self.stop.is_set():
+                break
+            self._dispatch(feed.NewInstance(-1, iid), tracked=False)
+        self._drain()
+        return self.summary
+
+    def close(self) -> None:
+        """Stop the worker processes and threads, without waiting for abandoned decodes."""
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        _terminate(self._pool)
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _follow_once(self, forever: bool) -> None:
+        events = feed.follow(
+            self.source,
+            self.state.cursor(),
+            page_size=self.config.page_size,
+            stop=self.stop,
+            poll_interval=self.config.poll_interval,
+            forever=forever,
+        )
+        for event in events:
+            if self.stop.is_set():
+                return
+            if isinstance(event, feed.Scanned):
+                self._progress.scanned(event.seq)
+            elif self.state.finished(event.instance_id, event.seq):
+                log.debug("instance %s: change %d already handled", event.instance_id, event.seq)
+            else:
+                self._dispatch(event, tracked=True)
+
+    def _dispatch(self, item: feed.NewInstance, tracked: bool) -> None:
+        # Bounded: the feed waits here rather than queueing the whole change log in memory.
+        while not self._slots.acquire(timeout=0.2):
+            if self.stop.is_set():
+                return
+        if tracked:
+            self._progress.start(item.seq)
+        future = self._threads.submit(self._work, item, tracked)
+        with self._pending_lock:
+            self._pending.add(future)
+        future.add_done_callback(self._done)
+
+    def _done(self, future: Future[None]) -> None:
+        with self._pending_lock:
+            self._pending.discard(future)
+        self._slots.release()
+
+    def _work(self, item: feed.NewInstance, tracked: bool) -> None:
+        iid = item.instance_id
+        try:
+            entry = self._transfer.run(item)
+        except Interrupted:
+            return  # stays in flight: the cursor stays below it and a restart redoes it
+        except TransientError as exc:
+            if not self.stop.is_set():
+                self.summary.unfinished[iid] = str(exc)
+                log.error("instance %s: not transferred, will be retried: %s", iid, exc)
+                self.stop.set()
+            return
+        except Exception as exc:
+            # A bug, not a bad file: keep the original, record why, keep the daemon going.
+            log.exception("instance %s: unexpected error", iid)
+            entry = Entry(iid, item.seq, FAILED, error=f"internal error: {exc!r}")
+        if tracked:
+            self._progress.finish(entry)
+        else:
+            self.state.record(entry)
+        self.summary.add(entry)
+
+    def _drain(self) -> None:
+        """Wait for every dispatched instance to finish or be abandoned."""
+        while True:
+            with self._pending_lock:
+                pending = list(self._pending)
+            if not pending:
+                break
+            for future in pending:
+                future.result()
+        self.summary.peak_inflight_bytes = max(self.summary.peak_inflight_bytes, self._budget.peak)
+
+    # --- decoding in worker processes -----------------------------------------------------
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # forkserver: the workers must not inherit this process's threads and sockets.
+        return ProcessPoolExecutor(
+            self.config.worker_count, mp_context=multiprocessing.get_context("forkserver")
+        )
+
+    def _decode(self, data: bytes) -> Transcoded:
+        """Transcode in a worker process; survive a worker that crashed or was killed."""
+        for _attempt in range(2):
+            pool = self._pool
+            try:
+                future = pool.submit(transcode, data, self._options)
+                return self._wait(future)
+            except BrokenProcessPool:
+                # Another instance may have been the culprit: replace the pool, try once more.
+                with self._pool_lock:
+                    if self._pool is pool:
+                        log.warning("a decoding process died; starting new ones")
+                        self._pool = self._new_pool()
+                        _terminate(pool)
+        raise DecodeError("the decoding process died twice on this instance (crash or memory)")
+
+    def _wait(self, future: Future[Transcoded]) -> Transcoded:
+        while True:
+            try:
+                return future.result(timeout=0.2)
+            except FutureTimeout:
+                if self.stop.is_set():
+                    future.cancel()
+                    raise Interrupted("shutting down") from None
+
+
+def _terminate(pool: ProcessPoolExecutor) -> None:
+    """Shut a pool down at once, killing decodes still running (they are redone on restart)."""
+    processes = list(getattr(pool, "_processes", {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
