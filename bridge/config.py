@@ -90,7 +90,7 @@ class _Section:
         value = self._raw.pop(key)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise ConfigError(f"{self._name(key)}: expected {kind.__name__}, got {_kind(value)}")
         return value
 

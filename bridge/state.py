@@ -175,7 +175,9 @@ class State:
 
     def get(self, instance_id: str) -> Entry | None:
         """The ledger entry of one instance."""
-        rows = self._query(f"SELECT {_COLUMNS} FROM instances WHERE instance_id = ?", (instance_id,))
+        rows = self._query(
+            f"SELECT {_COLUMNS} FROM instances WHERE instance_id = ?", (instance_id,)
+        )
         return _entry(rows[0]) if rows else None
 
     def counts(self) -> dict[str, int]:
@@ -200,7 +202,9 @@ class State:
             rows = db.execute(
                 f"SELECT instance_id FROM instances WHERE state IN ({marks})", states
             ).fetchall()
-            db.execute(f"UPDATE instances SET state = ? WHERE state IN ({marks})", (PENDING, *states))
+            db.execute(
+                f"UPDATE instances SET state = ? WHERE state IN ({marks})", (PENDING, *states)
+            )
         return [str(row[0]) for row in rows]
 
     def known(self) -> set[str]:
@@ -208,7 +212,9 @@ class State:
         return {str(row[0]) for row in self._query("SELECT instance_id FROM instances")}
 
 
-_COLUMNS = "instance_id, seq, state, source_syntax, error, seconds, deleted_original, updated, attempts"
+_COLUMNS = (
+    "instance_id, seq, state, source_syntax, error, seconds, deleted_original, updated, attempts"
+)
 
 
 def _entry(row: tuple[object, ...]) -> Entry:

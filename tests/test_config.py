@@ -1,0 +1,74 @@
+"""The configuration loader: every key documented, unknown keys and bad values named."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.config import Config, ServerConfig, load, parse
+from bridge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+BASE = {"source": {"url": "http://a:8042"}, "target": {"url": "http://b:8043"}}
+
+
+def test_shipped_file_loads_and_documents_every_key() -> None:
+    config = load(REPO / "bridge.yaml", env={})
+    assert config.source.url == "http://localhost:8042"
+    assert config.state_dir == REPO / "state"
+    raw = yaml.safe_load((REPO / "bridge.yaml").read_text())
+    top = {f.name for f in dataclasses.fields(Config)}
+    server = {f.name for f in dataclasses.fields(ServerConfig)}
+    assert set(raw) == top
+    assert set(raw["source"]) == server
+    assert set(raw["target"]) == server
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({**BASE, "delete_orignal": True}, "delete_orignal: unknown key"),
+        ({**BASE, "source": {"url": "http://a", "passwd": "x"}}, "source.passwd: unknown key"),
+        ({**BASE, "workers": "four"}, "workers: expected int, got str"),
+        ({**BASE, "workers": -1}, "workers: must be 0"),
+        ({**BASE, "delete_original": "yes"}, "delete_original: expected bool, got str"),
+        ({**BASE, "poll_interval": 0}, "poll_interval: must be greater than 0"),
+        ({**BASE, "on_source_reset": "skip"}, "on_source_reset: expected one of stop, rewind"),
+        ({"target": {"url": "http://b"}}, "source.url: required key is missing"),
+        ({**BASE, "target": {"url": "ftp://b"}}, "target.url: expected http://"),
+        ({**BASE, "source": {"url": "http://u:p@a"}}, "source.url: must not contain credentials"),
+        ({**BASE, "target": {"url": "http://a:8042"}}, "target.url: must differ"),
+        ({**BASE, "forward_unchanged": ["mpeg"]}, "forward_unchanged: expected transfer syntax"),
+        ([1, 2], "expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key(raw: object, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        parse(raw, Path("/etc"), env={})
+
+
+def test_secrets_from_environment_override_and_stay_out_of_repr() -> None:
+    env = {"BRIDGE_SOURCE_USERNAME": "bridge", "BRIDGE_SOURCE_PASSWORD": "s3cret"}
+    config = parse(BASE, Path("/etc"), env=env)
+    assert (config.source.username, config.source.password) == ("bridge", "s3cret")
+    assert "s3cret" not in repr(config)
+    assert config.target.username is None
+
+
+def test_relative_state_dir_is_taken_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "bridge.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({**BASE, "state_dir": "st"}))
+    assert load(path, env={}).state_dir == path.parent / "st"
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)
