@@ -1,0 +1,318 @@
+"""Per-syntax decoder chains: encapsulated frames in, native pixel frames out, one at a time."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom import uid
+from pydicom.encaps import encapsulate
+from pydicom.pixels.decoders.base import get_decoder
+
+from bridge.errors import DecodeError
+
+ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
+
+# Order matters: the first decoder that reads a frame wins and is tried first for the next one.
+# GDCM is never given RLE: it decoded 16/32-bit RGB RLE wrongly and aborted on 1-bit RLE.
+# "gdcm-direct" is our own call into GDCM, because pydicom's GDCM plugin refuses 12-bit JPEG.
+DECODER_CHAINS: dict[str, tuple[str, ...]] = {
+    uid.JPEGBaseline8Bit: ("pylibjpeg", "gdcm"),
+    uid.JPEGExtended12Bit: ("pylibjpeg", "gdcm", "gdcm-direct"),
+    uid.JPEGLossless: ("pylibjpeg", "gdcm"),
+    uid.JPEGLosslessSV1: ("pylibjpeg", "gdcm"),
+    uid.JPEGLSLossless: ("pyjpegls", "gdcm", "pylibjpeg"),
+    uid.JPEGLSNearLossless: ("pyjpegls", "gdcm", "pylibjpeg"),
+    uid.JPEG2000Lossless: ("pylibjpeg", "gdcm"),
+    uid.JPEG2000: ("pylibjpeg", "gdcm"),
+    uid.HTJ2KLossless: ("pylibjpeg",),
+    uid.HTJ2KLosslessRPCL: ("pylibjpeg",),
+    uid.HTJ2K: ("pylibjpeg",),
+    uid.RLELossless: ("pylibjpeg", "pydicom"),
+    ENCAPSULATED_UNCOMPRESSED: ("native",),
+}
+
+# What to install when a chain has no usable decoder; pydicom's "pylibjpeg" plugin means a
+# different package per family.
+_PACKAGES: dict[str, str] = {
+    uid.JPEGBaseline8Bit: "pylibjpeg-libjpeg (GPL-3.0: orthanc-bridge[gpl]) or python-gdcm",
+    uid.JPEGExtended12Bit: "pylibjpeg-libjpeg (GPL-3.0: orthanc-bridge[gpl]) or python-gdcm",
+    uid.JPEGLossless: "pylibjpeg-libjpeg (GPL-3.0: orthanc-bridge[gpl]) or python-gdcm",
+    uid.JPEGLosslessSV1: "pylibjpeg-libjpeg (GPL-3.0: orthanc-bridge[gpl]) or python-gdcm",
+    uid.JPEGLSLossless: "pyjpegls or python-gdcm",
+    uid.JPEGLSNearLossless: "pyjpegls or python-gdcm",
+    uid.JPEG2000Lossless: "pylibjpeg-openjpeg or python-gdcm",
+    uid.JPEG2000: "pylibjpeg-openjpeg or python-gdcm",
+    uid.HTJ2KLossless: "pylibjpeg-openjpeg",
+    uid.HTJ2KLosslessRPCL: "pylibjpeg-openjpeg",
+    uid.HTJ2K: "pylibjpeg-openjpeg",
+    uid.RLELossless: "pylibjpeg-rle (or nothing: pydicom's own RLE decoder needs only numpy)",
+}
+
+# Lossy JPEG is converted to RGB like DCMTK's dcmdjpeg does; every other syntax keeps the colour
+# space its decoder delivers, so that lossless data stays bit-exact.
+_TO_RGB = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit}
+
+_ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
+_SEQ_DELIMITER = 0xE0DDFFFE
+_JPEG_SOI = b"\xff\xd8"
+_J2K_SOC = b"\xff\x4f\xff\x51"
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """The Image Pixel attributes that size and describe the decoded frames."""
+
+    rows: int
+    columns: int
+    samples_per_pixel: int
+    bits_allocated: int
+    bits_stored: int
+    pixel_representation: int
+    photometric_interpretation: str
+    planar_configuration: int
+    number_of_frames: int
+
+    @property
+    def frame_pixels(self) -> int:
+        """Number of samples in one frame."""
+        return self.rows * self.columns * self.samples_per_pixel
+
+    @property
+    def frame_bytes(self) -> int:
+        """Decoded size of one frame in bytes (one byte per sample while 1-bit is unpacked)."""
+        return self.frame_pixels * max(1, self.bits_allocated // 8)
+
+    @property
+    def total_bytes(self) -> int:
+        """Native size of all frames, bit-packed for 1-bit, before padding to even length."""
+        if self.bits_allocated == 1:
+            return (self.frame_pixels * self.number_of_frames + 7) // 8
+        return self.frame_bytes * self.number_of_frames
+
+
+@dataclass(frozen=True)
+class DecodedFrame:
+    """One decoded frame and the photometric interpretation of its samples."""
+
+    pixels: np.ndarray[Any, Any]
+    photometric_interpretation: str
+
+
+def has_decoder(transfer_syntax: str) -> bool:
+    """Return True when at least one decoder of the syntax's chain is installed."""
+    return bool(_available_chain(transfer_syntax))
+
+
+def missing_decoder_hint(transfer_syntax: str) -> str:
+    """Return the packages that would decode the syntax, for error messages."""
+    return _PACKAGES.get(transfer_syntax, "no known decoder")
+
+
+def _available_chain(transfer_syntax: str) -> list[str]:
+    chain = DECODER_CHAINS.get(transfer_syntax, ())
+    if transfer_syntax == ENCAPSULATED_UNCOMPRESSED:
+        return list(chain)
+    available = set(get_decoder(transfer_syntax).available_plugins)
+    if importlib.util.find_spec("gdcm") is not None:
+        available.add("gdcm-direct")
+    return [name for name in chain if name in available]
+
+
+def find_sequence_end(buf: memoryview, start: int) -> int:
+    """Return the offset just past the delimiter of encapsulated data starting at `start`."""
+    pos = start
+    while pos + 8 <= len(buf):
+        tag, length = struct.unpack_from("<II", buf, pos)
+        if tag == _SEQ_DELIMITER:
+            return pos + 8
+        if tag != _ITEM or length == 0xFFFFFFFF:
+            raise DecodeError(f"encapsulated pixel data has a bad item tag at byte {pos}")
+        pos += 8 + length
+    raise DecodeError("encapsulated pixel data is truncated (no sequence delimiter)")
+
+
+def _items(value: memoryview) -> tuple[memoryview, list[tuple[int, memoryview]]]:
+    """Split an encapsulated value into its Basic Offset Table and (offset, fragment) pairs."""
+    items: list[tuple[int, memoryview]] = []
+    pos = 0
+    while pos + 8 <= len(value):
+        tag, length = struct.unpack_from("<II", value, pos)
+        if tag == _SEQ_DELIMITER:
+            break
+        if tag != _ITEM or pos + 8 + length > len(value):
+            raise DecodeError(f"encapsulated pixel data has a bad or truncated item at byte {pos}")
+        items.append((pos, value[pos + 8 : pos + 8 + length]))
+        pos += 8 + length
+    if not items:
+        raise DecodeError("encapsulated pixel data has no Basic Offset Table item")
+    bot = items[0][1]
+    first = items[1][0] if len(items) > 1 else 0
+    # Offsets in the BOT and EOT count from the first fragment's item tag.
+    return bot, [(offset - first, frag) for offset, frag in items[1:]]
+
+
+def split_frames(
+    value: memoryview,
+    number_of_frames: int,
+    transfer_syntax: str,
+    extended_offsets: list[int] | None = None,
+) -> list[list[memoryview]]:
+    """Group the fragments of an encapsulated value into frames, without copying them."""
+    bot, fragments = _items(value)
+    if not fragments:
+        raise DecodeError("encapsulated pixel data has no fragments")
+    offsets: list[int] | None = extended_offsets
+    if offsets is None and len(bot) >= 4:
+        offsets = list(struct.unpack(f"<{len(bot) // 4}I", bot[: len(bot) // 4 * 4]))
+    if offsets:
+        frames: list[list[memoryview]] = []
+        bounds = [*offsets, 2**64]
+        for start, end in itertools.pairwise(bounds):
+            frames.append([f for o, f in fragments if start <= o < end])
+    elif number_of_frames == 1:
+        frames = [[f for _, f in fragments]]
+    elif len(fragments) == number_of_frames:
+        frames = [[f] for _, f in fragments]
+    else:
+        # No offset table and more fragments than frames: a frame starts at each codestream start.
+        frames = []
+        for _, frag in fragments:
+            head = bytes(frag[:12])
+            starts = (
+                head.startswith((_JPEG_SOI, _J2K_SOC, _JP2_SIGNATURE))
+                and transfer_syntax != uid.RLELossless
+            )
+            if starts or not frames:
+                frames.append([frag])
+            else:
+                frames[-1].append(frag)
+    if len(frames) < number_of_frames or any(not f for f in frames[:number_of_frames]):
+        raise DecodeError(
+            f"encapsulated pixel data holds {len(frames)} frames, NumberOfFrames is "
+            f"{number_of_frames}"
+        )
+    return frames[:number_of_frames]
+
+
+def iter_decoded(
+    frames: list[list[memoryview]], transfer_syntax: str, spec: PixelSpec
+) -> Iterator[DecodedFrame]:
+    """Yield each frame decoded, trying the decoder chain until one gives the right size."""
+    chain = _available_chain(transfer_syntax)
+    if not chain:
+        raise DecodeError(f"no decoder installed; needs {missing_decoder_hint(transfer_syntax)}")
+    for index, fragments in enumerate(frames):
+        encoded = fragments[0].tobytes() if len(fragments) == 1 else b"".join(fragments)
+        failures: list[str] = []
+        for name in list(chain):
+            try:
+                frame = _decode_one(name, encoded, transfer_syntax, spec)
+            except DecodeError as exc:
+                failures.append(f"{name}: {exc}")
+                continue
+            except Exception as exc:  # decoders raise anything; the next one may succeed
+                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            # Keep the decoder that worked at the head of the chain for the following frames.
+            chain.remove(name)
+            chain.insert(0, name)
+            yield frame
+            break
+        else:
+            raise DecodeError(f"frame {index} could not be decoded ({'; '.join(failures)})")
+
+
+def _decode_one(name: str, encoded: bytes, transfer_syntax: str, spec: PixelSpec) -> DecodedFrame:
+    if name == "native":
+        return _native_frame(encoded, spec)
+    if name == "gdcm-direct":
+        frame = _gdcm_direct(encoded, transfer_syntax, spec)
+    else:
+        frame = _pydicom_plugin(name, encoded, transfer_syntax, spec)
+    if frame.pixels.nbytes != spec.frame_bytes:
+        raise DecodeError(
+            f"decoded frame is {frame.pixels.nbytes} bytes, expected {spec.frame_bytes}"
+        )
+    return frame
+
+
+def _pydicom_plugin(
+    name: str, encoded: bytes, transfer_syntax: str, spec: PixelSpec
+) -> DecodedFrame:
+    decoder = get_decoder(transfer_syntax)
+    arrays = decoder.iter_array(
+        encapsulate([encoded]),
+        decoding_plugin=name,
+        raw=transfer_syntax not in _TO_RGB,
+        # Bits above BitsStored may hold overlays: keep them as DCMTK does.
+        correct_unused_bits=False,
+        rows=spec.rows,
+        columns=spec.columns,
+        samples_per_pixel=spec.samples_per_pixel,
+        bits_allocated=spec.bits_allocated,
+        bits_stored=spec.bits_stored,
+        pixel_representation=spec.pixel_representation,
+        photometric_interpretation=spec.photometric_interpretation,
+        planar_configuration=spec.planar_configuration,
+        number_of_frames=1,
+        pixel_keyword="PixelData",
+    )
+    arr, props = next(iter(arrays))
+    photometric = str(props.get("photometric_interpretation", spec.photometric_interpretation))
+    if photometric == "YBR_FULL_422":
+        # Decoders return full-resolution samples; 422 would describe subsampled data.
+        photometric = "YBR_FULL"
+    return DecodedFrame(np.ascontiguousarray(arr), photometric)
+
+
+def _gdcm_direct(encoded: bytes, transfer_syntax: str, spec: PixelSpec) -> DecodedFrame:
+    """Decode one JPEG frame with GDCM, which reads 12-bit JPEG that pydicom's plugin refuses."""
+    import gdcm  # optional: absent installs simply drop this decoder from the chain
+
+    if transfer_syntax not in _TO_RGB or spec.samples_per_pixel != 1:
+        raise DecodeError("direct GDCM decoding is used only for monochrome lossy JPEG")
+    fragment = gdcm.Fragment()
+    fragment.SetByteStringValue(encoded)
+    fragments = gdcm.SequenceOfFragments.New()
+    fragments.AddFragment(fragment)
+    elem = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    elem.SetValue(fragments.__ref__())
+    img = gdcm.Image()
+    img.SetNumberOfDimensions(2)
+    img.SetDimensions((spec.columns, spec.rows, 1))
+    img.SetDataElement(elem)
+    pi_type = gdcm.PhotometricInterpretation.GetPIType(spec.photometric_interpretation)
+    img.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi_type))
+    img.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(transfer_syntax)))
+    img.SetPixelFormat(
+        gdcm.PixelFormat(
+            1,
+            spec.bits_allocated,
+            spec.bits_stored,
+            spec.bits_stored - 1,
+            spec.pixel_representation,
+        )
+    )
+    # GDCM hands the buffer back as str; surrogateescape restores the exact bytes.
+    raw = img.GetBuffer().encode("utf-8", "surrogateescape")
+    dtype = np.dtype(f"<{'ui'[spec.pixel_representation]}{spec.bits_allocated // 8}")
+    return DecodedFrame(np.frombuffer(raw, dtype=dtype), spec.photometric_interpretation)
+
+
+def _native_frame(encoded: bytes, spec: PixelSpec) -> DecodedFrame:
+    """Take one Encapsulated Uncompressed frame: its fragment, trimmed of the padding byte."""
+    if spec.bits_allocated == 1:
+        raise DecodeError("1-bit Encapsulated Uncompressed pixel data is not supported")
+    if len(encoded) < spec.frame_bytes:
+        raise DecodeError(f"frame is {len(encoded)} bytes, expected {spec.frame_bytes}")
+    return DecodedFrame(
+        np.frombuffer(encoded, dtype=np.uint8, count=spec.frame_bytes),
+        spec.photometric_interpretation,
+    )

@@ -1,0 +1,373 @@
+"""Bytes in, Explicit VR Little Endian bytes out, with the DICOM rules.
+
+The output is assembled in one preallocated bytearray: every element but Pixel Data is serialized
+first, then each frame is decoded straight into its slice, so that memory stays near the decoded
+size plus one frame.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom import uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.uid import UID
+
+from bridge.codecs import (
+    DECODER_CHAINS,
+    DecodedFrame,
+    PixelSpec,
+    has_decoder,
+    iter_decoded,
+    missing_decoder_hint,
+    split_frames,
+)
+from bridge.dicomfile import (
+    PIXEL_DATA,
+    Parsed,
+    parse,
+    pixel_swap_width,
+    read_meta,
+    swap_in_place,
+    swap_to_little_endian,
+    transfer_syntax_of,
+)
+from bridge.errors import BridgeError, DecodeError, TooLarge, UnsupportedSyntax
+from bridge.lossy import lossy_method
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+
+_NATIVE_SOURCES = {
+    uid.ImplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+}
+_EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
+_ICON_IMAGE_SEQUENCE = 0x00880200
+# Guards against absurd headers, independent of the configured size limit.
+_MAX_FRAMES = 2**31 - 1
+_MAX_SAMPLES = 4
+
+
+@dataclass(frozen=True)
+class TranscodeOptions:
+    """Limits and pass-through rules for one transcoding call."""
+
+    max_decoded_bytes: int = 2 * 1024**3  # refuse bigger instances before allocating
+    forward_unchanged: frozenset[str] = frozenset()  # undecodable syntaxes to pass through as-is
+
+
+@dataclass(frozen=True)
+class Transcoded:
+    """The result of transcoding one instance."""
+
+    data: bytes | bytearray  # a complete DICOM Part-10 file
+    source_syntax: str  # transfer syntax UID of the input
+    sop_instance_uid: str
+    forwarded: bool  # True when `data` is the input unchanged (already EVRLE, or forward_unchanged)
+
+
+class _Context:
+    """What is known about the instance so far, for error messages."""
+
+    def __init__(self) -> None:
+        self.sop_instance_uid = ""
+        self.transfer_syntax = ""
+
+    def describe(self, reason: str) -> str:
+        syntax = "unknown transfer syntax"
+        if self.transfer_syntax:
+            name = UID(self.transfer_syntax).name
+            syntax = (
+                f"{name} ({self.transfer_syntax})"
+                if name != self.transfer_syntax
+                else self.transfer_syntax
+            )
+        sop = self.sop_instance_uid or "unknown"
+        return f"{reason} [SOP Instance UID {sop}, {syntax}]"
+
+
+def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:
+    """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID."""
+    context = _Context()
+    try:
+        return _transcode(bytes(data) if not isinstance(data, bytes) else data, options, context)
+    except (DecodeError, UnsupportedSyntax, TooLarge) as exc:
+        raise type(exc)(context.describe(str(exc))) from None
+    except BridgeError:
+        raise
+    except Exception as exc:  # pydicom, numpy and the decoders raise anything on bad input
+        raise DecodeError(context.describe(f"{type(exc).__name__}: {exc}")) from exc
+
+
+def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Transcoded:
+    meta, start = read_meta(memoryview(data))
+    syntax = transfer_syntax_of(meta)
+    context.transfer_syntax = str(syntax)
+    context.sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+    parsed = parse(data, meta, start)
+    sop = str(parsed.dataset.get("SOPInstanceUID", "") or context.sop_instance_uid)
+    context.sop_instance_uid = sop
+    if not sop or not (parsed.dataset.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")):
+        raise DecodeError("instance has no SOP Instance UID or no SOP Class UID")
+
+    def forward() -> Transcoded:
+        return Transcoded(data, str(syntax), sop, forwarded=True)
+
+    if syntax == EXPLICIT_VR_LITTLE_ENDIAN:
+        if parsed.encapsulated:
+            raise DecodeError("transfer syntax is native but the pixel data is encapsulated")
+        return forward()
+    if syntax in options.forward_unchanged:
+        return forward()
+    if syntax not in _NATIVE_SOURCES and syntax not in DECODER_CHAINS:
+        raise UnsupportedSyntax("transfer syntax cannot be decoded to native pixels")
+    if syntax in DECODER_CHAINS and not has_decoder(syntax):
+        raise UnsupportedSyntax(f"no decoder installed; needs {missing_decoder_hint(syntax)}")
+    if parsed.pixel_value is not None and parsed.encapsulated != (syntax in DECODER_CHAINS):
+        state = "encapsulated" if parsed.encapsulated else "native"
+        raise DecodeError(f"pixel data is {state}, which contradicts the transfer syntax")
+
+    dataset = parsed.dataset
+    if not parsed.little_endian:
+        swap_to_little_endian(dataset)
+        swap_to_little_endian(parsed.tail)
+    extended_offsets = _extended_offsets(dataset)
+    for tag in _EXTENDED_OFFSET_TABLE:
+        if tag in dataset:
+            del dataset[tag]
+    _decompress_icons(dataset, str(syntax))
+    if parsed.pixel_value is None:
+        return Transcoded(_allocate(parsed, 0, "OB")[0], str(syntax), sop, forwarded=False)
+
+    if not parsed.encapsulated and "Rows" not in dataset:
+        # Native pixel data without an Image Pixel module: nothing to check, carried verbatim.
+        return Transcoded(_copy_unknown_native(parsed), str(syntax), sop, forwarded=False)
+    spec = pixel_spec(dataset, options.max_decoded_bytes)
+    if parsed.encapsulated:
+        out = _decode_encapsulated(parsed, spec, extended_offsets)
+    else:
+        out = _copy_native(parsed, spec)
+    return Transcoded(out, str(syntax), sop, forwarded=False)
+
+
+def pixel_spec(dataset: Dataset, max_decoded_bytes: int) -> PixelSpec:
+    """Read and sanity-check the Image Pixel attributes; refuse oversized instances."""
+    try:
+        rows = int(dataset.Rows)
+        columns = int(dataset.Columns)
+        bits_allocated = int(dataset.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DecodeError(f"pixel data without usable Rows/Columns/BitsAllocated: {exc}") from exc
+    samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+    bits_stored = int(dataset.get("BitsStored", bits_allocated) or bits_allocated)
+    frames_value = dataset.get("NumberOfFrames", 1)
+    try:
+        frames = int(frames_value) if frames_value not in (None, "") else 1
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"NumberOfFrames is not a number: {frames_value!r}") from exc
+    if bits_allocated != 1 and (bits_allocated % 8 or not 8 <= bits_allocated <= 64):
+        raise DecodeError(f"BitsAllocated {bits_allocated} is not 1 or a multiple of 8 up to 64")
+    if not 0 < bits_stored <= bits_allocated:
+        raise DecodeError(f"BitsStored {bits_stored} is not within 1..{bits_allocated}")
+    if not 0 < samples <= _MAX_SAMPLES or not 0 < frames <= _MAX_FRAMES:
+        raise DecodeError(f"SamplesPerPixel {samples} or NumberOfFrames {frames} is absurd")
+    if rows <= 0 or columns <= 0:
+        raise DecodeError(f"image has {rows} rows and {columns} columns")
+    spec = PixelSpec(
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=samples,
+        bits_allocated=bits_allocated,
+        bits_stored=bits_stored,
+        pixel_representation=int(dataset.get("PixelRepresentation", 0) or 0),
+        photometric_interpretation=str(dataset.get("PhotometricInterpretation", "MONOCHROME2")),
+        planar_configuration=int(dataset.get("PlanarConfiguration", 0) or 0),
+        number_of_frames=frames,
+    )
+    if spec.total_bytes > max_decoded_bytes:
+        raise TooLarge(
+            f"declared decoded size {spec.total_bytes} bytes ({rows}x{columns}x{samples}, "
+            f"{bits_allocated} bits, {frames} frames) exceeds the limit of "
+            f"{max_decoded_bytes} bytes"
+        )
+    return spec
+
+
+def _copy_native(parsed: Parsed, spec: PixelSpec) -> bytearray:
+    """Re-encode native pixel data: copied as is, byte-swapped when the source is big endian."""
+    value = parsed.pixel_value
+    assert value is not None
+    if len(value) < spec.total_bytes:
+        raise DecodeError(f"pixel data is {len(value)} bytes, expected {spec.total_bytes}")
+    length = len(value) + len(value) % 2
+    out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated))
+    out[offset : offset + len(value)] = value
+    if not parsed.little_endian:
+        width = pixel_swap_width(parsed.pixel_vr, spec.bits_allocated)
+        swap_in_place(out, offset, len(value) // width * width, width)
+    return out
+
+
+def _copy_unknown_native(parsed: Parsed) -> bytearray:
+    value = parsed.pixel_value
+    assert value is not None
+    vr = "OB" if parsed.pixel_vr == "OB" else "OW"
+    out, offset = _allocate(parsed, len(value) + len(value) % 2, vr)
+    out[offset : offset + len(value)] = value
+    if not parsed.little_endian and vr == "OW":
+        swap_in_place(out, offset, len(value) // 2 * 2, 2)
+    return out
+
+
+def _decode_encapsulated(
+    parsed: Parsed, spec: PixelSpec, extended_offsets: list[int] | None
+) -> bytearray:
+    """Decode each frame straight into its slice of the preallocated output."""
+    value = parsed.pixel_value
+    assert value is not None
+    syntax = str(parsed.transfer_syntax)
+    dataset = parsed.dataset
+    frames = split_frames(value, spec.number_of_frames, syntax, extended_offsets)
+    method = _lossy_method(syntax, frames)
+    if method:
+        _mark_lossy(dataset, method)
+
+    decoded = iter_decoded(frames, syntax, spec)
+    first = next(decoded)
+    _set_photometric(dataset, first, spec)
+    length = spec.total_bytes + spec.total_bytes % 2
+    out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated))
+    if spec.bits_allocated == 1:
+        # Frames of 1-bit data are packed back to back, not byte-aligned: pack them together.
+        unpacked = [first.pixels.ravel()] + [f.pixels.ravel() for f in decoded]
+        packed = np.packbits(np.concatenate(unpacked) & 1, bitorder="little")
+        out[offset : offset + len(packed)] = packed.tobytes()
+        return out
+    size = spec.frame_bytes
+    for index, frame in enumerate(_chain_first(first, decoded)):
+        if frame.photometric_interpretation != first.photometric_interpretation:
+            raise DecodeError(f"frame {index} decoded as {frame.photometric_interpretation}")
+        start = offset + index * size
+        out[start : start + size] = frame.pixels.data.cast("B")
+    return out
+
+
+def _chain_first(first: DecodedFrame, rest: Iterator[DecodedFrame]) -> Iterator[DecodedFrame]:
+    yield first
+    yield from rest
+
+
+def _extended_offsets(dataset: Dataset) -> list[int] | None:
+    """Return the Extended Offset Table (7FE0,0001) as integers, when the source has one."""
+    if _EXTENDED_OFFSET_TABLE[0] not in dataset:
+        return None
+    raw = bytes(dataset[_EXTENDED_OFFSET_TABLE[0]].value or b"")
+    return list(struct.unpack(f"<{len(raw) // 8}Q", raw[: len(raw) // 8 * 8])) or None
+
+
+def _lossy_method(syntax: str, frames: list[list[memoryview]]) -> str | None:
+    """Return the lossy compression method when any frame's codestream is lossy."""
+    for frame in frames:
+        parts = frame if syntax in (uid.JPEGLSLossless, uid.JPEGLSNearLossless) else frame[:1]
+        for part in parts:
+            method = lossy_method(syntax, part)
+            if method:
+                return method
+    return None
+
+
+def _mark_lossy(dataset: Dataset, method: str) -> None:
+    """Record lossy history; existing ratio and method values are kept, '01' is never reset."""
+    dataset.LossyImageCompression = "01"
+    if "LossyImageCompressionMethod" not in dataset:
+        dataset.LossyImageCompressionMethod = method
+
+
+def _set_photometric(dataset: Dataset, frame: DecodedFrame, spec: PixelSpec) -> None:
+    dataset.PhotometricInterpretation = frame.photometric_interpretation
+    if spec.samples_per_pixel > 1:
+        # Decoders return colour-by-pixel samples.
+        dataset.PlanarConfiguration = 0
+
+
+def _pixel_vr(bits_allocated: int) -> str:
+    return "OB" if bits_allocated <= 8 else "OW"
+
+
+def _decompress_icons(dataset: Dataset, syntax: str) -> None:
+    """Decode every encapsulated icon (IconImageSequence anywhere in the dataset) to native."""
+    for elem in dataset:
+        if elem.VR != "SQ":
+            continue
+        for item in elem.value:
+            if elem.tag == _ICON_IMAGE_SEQUENCE and PIXEL_DATA in item:
+                pixel = item[PIXEL_DATA]
+                if pixel.is_undefined_length or syntax in DECODER_CHAINS:
+                    _decompress_icon(item, syntax)
+            _decompress_icons(item, syntax)
+
+
+def _decompress_icon(item: Dataset, syntax: str) -> None:
+    spec = pixel_spec(item, 64 * 1024**2)
+    value = memoryview(item.PixelData)
+    frames = split_frames(value, spec.number_of_frames, syntax)
+    decoded = list(iter_decoded(frames, syntax, spec))
+    if spec.bits_allocated == 1:
+        bits = np.concatenate([f.pixels.ravel() for f in decoded]) & 1
+        pixels = np.packbits(bits, bitorder="little").tobytes()
+    else:
+        pixels = b"".join(f.pixels.data.cast("B") for f in decoded)
+    _set_photometric(item, decoded[0], spec)
+    item.PixelData = pixels + b"\0" * (len(pixels) % 2)
+    pixel = item[PIXEL_DATA]
+    pixel.VR = _pixel_vr(spec.bits_allocated)
+    pixel.is_undefined_length = False
+
+
+def _file_meta(parsed: Parsed) -> FileMetaDataset:
+    """Return the source meta with the new transfer syntax and the dataset's SOP identity."""
+    meta = FileMetaDataset(parsed.meta)
+    meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
+    dataset = parsed.dataset
+    if "SOPClassUID" in dataset:
+        meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    if "SOPInstanceUID" in dataset:
+        meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    # This implementation wrote the file, so it names itself (PS3.10 7.1): a bad output can then
+    # be traced to the bridge rather than to the modality that produced the source.
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+    return meta
+
+
+def _serialize(dataset: Dataset) -> bytes:
+    fp = DicomBytesIO()
+    fp.is_little_endian = True
+    fp.is_implicit_VR = False
+    write_dataset(fp, dataset)
+    return fp.getvalue()
+
+
+def _allocate(parsed: Parsed, pixel_length: int, pixel_vr: str) -> tuple[bytearray, int]:
+    """Allocate the whole output file with everything but the pixel bytes filled in."""
+    head = DicomBytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, _file_meta(parsed), enforce_standard=True)
+    prefix = head.getvalue() + _serialize(parsed.dataset)
+    element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, pixel_vr.encode(), 0, pixel_length)
+    tail = _serialize(parsed.tail)
+    if parsed.pixel_value is None:
+        return bytearray(prefix + tail), len(prefix)
+    out = bytearray(len(prefix) + len(element) + pixel_length + len(tail))
+    offset = len(prefix) + len(element)
+    out[: len(prefix)] = prefix
+    out[len(prefix) : offset] = element
+    out[offset + pixel_length :] = tail
+    return out, offset
