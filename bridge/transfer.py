@@ -94,17 +94,17 @@ class Transfer:
     def _store(self, iid: str, result: Transcoded, expected: str) -> None:
         stored = self.target.upload(result.data)
         if stored.instance_id != iid:
-            raise VerificationFailed(
-                f"the target stored it as {stored.instance_id}, not {iid}: identifiers changed"
-            )
-        held = self.target.transfer_syntax(iid)
+            # Same UIDs, yet another ID: Orthanc read an identifier differently in the two
+            # files (e.g. a PatientID stored with VR UN in the original). Verify that copy.
+            log.warning("instance %s: the target files it as %s", iid, stored.instance_id)
+        held = self.target.transfer_syntax(stored.instance_id)
         if held != expected and stored.status == "AlreadyStored":
             # The target kept an older copy (compressed, or sent by something else): replace it.
             log.info("instance %s: target held it as %s; replacing that copy", iid, held)
             self._checkpoint()
-            self.target.delete(iid)
+            self.target.delete(stored.instance_id)
             self.target.upload(result.data)
-            held = self.target.transfer_syntax(iid)
+            held = self.target.transfer_syntax(stored.instance_id)
         if held != expected:
             raise VerificationFailed(
                 f"after upload the target holds it as {held or 'nothing'}, expected {expected}"

@@ -1,0 +1,114 @@
+"""Drive the bridge as users do: a bridge.yaml, then `python -m bridge ...` in a subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import yaml
+from pydicom.uid import generate_uid
+
+from tests.orthanc import OrthancServer, pydicom_test_files
+from tests.polling import wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write_config(workdir: Path, source: OrthancServer, target: OrthancServer, **extra: Any) -> Path:
+    """A bridge.yaml for this pair; credentials travel in the environment (see `env`)."""
+    config: dict[str, Any] = {
+        "source": {"url": source.url, "timeout": 10},
+        "target": {"url": target.url, "timeout": 10},
+        "state_dir": str(workdir / "state"),
+        "workers": 2,
+        "poll_interval": 0.1,
+        "catch_up_retry_seconds": 20,
+    }
+    config.update(extra)
+    path = workdir / "bridge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def env(source: OrthancServer, target: OrthancServer) -> dict[str, str]:
+    """The process environment with both servers' credentials, as a deployment passes them."""
+    result = dict(os.environ)
+    for role, server in (("SOURCE", source), ("TARGET", target)):
+        if server.auth:
+            result[f"BRIDGE_{role}_USERNAME"], result[f"BRIDGE_{role}_PASSWORD"] = server.auth
+    return result
+
+
+def run(
+    command: str,
+    config: Path,
+    source: OrthancServer,
+    target: OrthancServer,
+    *args: str,
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run one bridge command to completion and capture what it printed."""
+    return subprocess.run(
+        [sys.executable, "-m", "bridge", command, "-c", str(config), *args],
+        cwd=REPO,
+        env=env(source, target),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start(
+    command: str, config: Path, source: OrthancServer, target: OrthancServer, log: Path
+) -> subprocess.Popen[bytes]:
+    """Start a bridge command in the background, its output going to `log`."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "bridge", command, "-c", str(config)],
+            cwd=REPO,
+            env=env(source, target),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
+    """Kill the bridge and its decoding processes (the whole session) with `sig`."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+    process.wait(timeout=30)
+
+
+def variants(filename: str, count: int) -> list[bytes]:
+    """`count` copies of a pydicom test file, each a new instance (new SOP Instance UID).
+
+    Only the identifiers change; the compressed pixel data is the original's, byte for byte.
+    """
+    original = pydicom.dcmread(pydicom_test_files() / filename)
+    series = generate_uid()
+    copies = []
+    for _ in range(count):
+        ds = original.copy()
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        copies.append(buffer.getvalue())
+    return copies
+
+
+def wait_for_count(server: OrthancServer, count: int, timeout: float = 60) -> list[str]:
+    """Poll until `server` holds `count` instances; return their IDs."""
+    return wait_for(
+        lambda: ids if len(ids := server.instances()) == count else None,
+        timeout,
+        f"{count} instances in {server.name}",
+    )

@@ -1,0 +1,228 @@
+"""The bridge end to end, against two real Orthanc servers, run as users run it."""
+
+from __future__ import annotations
+
+import io
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests import bridgectl
+from tests.conftest import MakeOrthanc
+from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, pydicom_test_files
+from tests.polling import wait_for
+
+# One file per transfer syntax, chosen so that no two share an Orthanc ID (several of pydicom's
+# files are the same instance in different syntaxes). name -> lossless?
+SAMPLES = {
+    "GDCMJ2K_TextGBR.dcm": True,  # JPEG 2000 lossless, 8-bit
+    "693_J2KI.dcm": False,  # JPEG 2000, 512x512 16-bit
+    "MR_small_jpeg_ls_lossless.dcm": True,  # JPEG-LS lossless
+    "JPGExtended.dcm": False,  # JPEG extended 12-bit
+    "rtdose_rle.dcm": True,  # RLE, 32-bit, 15 frames
+    "SC_rgb_jpeg_gdcm.dcm": True,  # JPEG lossless SV1, RGB
+    "SC_rgb_jpeg_dcmtk.dcm": False,  # JPEG baseline, YBR
+    "examples_ybr_color.dcm": False,  # JPEG baseline, 30 frames
+    "image_dfl.dcm": True,  # Deflated
+    "ExplVR_BigEnd.dcm": True,  # Explicit VR Big Endian
+    "CT_small.dcm": True,  # already Explicit VR Little Endian: forwarded as is
+}
+UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
+
+
+def upload_samples(source: OrthancServer) -> dict[str, str]:
+    """Upload every sample; map Orthanc ID -> file name."""
+    return {str(source.upload(pydicom_test_files() / name)["ID"]): name for name in SAMPLES}
+
+
+def reference_pixels(path: Path, workdir: Path) -> bytes:
+    """Pixel data of `path` as decoded by DCMTK or GDCM, not by anything the bridge uses."""
+    syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    out = workdir / f"{path.stem}.ref.dcm"
+    if syntax.startswith("1.2.840.10008.1.2.4.9"):  # JPEG 2000: DCMTK has no decoder
+        command = ["gdcmconv", "--raw", str(path), str(out)]
+    elif syntax.startswith("1.2.840.10008.1.2.4.8"):
+        command = ["dcmdjpls", str(path), str(out)]
+    elif syntax.startswith("1.2.840.10008.1.2.4."):
+        command = ["dcmdjpeg", str(path), str(out)]
+    elif syntax == "1.2.840.10008.1.2.5":
+        command = ["dcmdrle", str(path), str(out)]
+    else:
+        command = ["dcmconv", "+te", str(path), str(out)]
+    subprocess.run(command, check=True, capture_output=True)
+    return bytes(pydicom.dcmread(out).PixelData)
+
+
+def test_catch_up_converts_every_syntax_keeps_uids_and_pixels(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    uploaded = upload_samples(source)
+    config = bridgectl.write_config(tmp_path, source, target)
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(SAMPLES)} converted in" in result.stdout
+    assert sorted(target.instances()) == sorted(uploaded)
+    for iid, name in uploaded.items():
+        assert target.transfer_syntax(iid) == EXPLICIT_VR_LITTLE_ENDIAN, name
+        original = pydicom.dcmread(pydicom_test_files() / name)
+        converted = pydicom.dcmread(io.BytesIO(target.file(iid)))
+        for uid in UIDS:
+            assert converted[uid].value == original[uid].value, (name, uid)
+        assert converted.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID, name
+        if SAMPLES[name]:
+            expected = reference_pixels(pydicom_test_files() / name, tmp_path)
+            assert bytes(converted.PixelData) == expected, f"{name}: pixels differ"
+
+    # A second catch-up right after the first finds nothing to do.
+    cursor = source.changes_last()
+    again = bridgectl.run("catch-up", config, source, target)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("catch-up: nothing"), again.stdout
+    status = bridgectl.run("status", config, source, target, "--json")
+    report = json.loads(status.stdout)
+    assert report["cursor"] == cursor and report["behind"] == 0
+    assert report["counts"] == {"converted": len(SAMPLES)}
+
+
+def test_converted_instances_reach_an_uncompressed_only_workstation(
+    source: OrthancServer, tmp_path: Path, storescp: StoreSCP, make_orthanc: MakeOrthanc
+) -> None:
+    """The problem solved: Orthanc B can C-STORE what Orthanc A could not."""
+    target = make_orthanc("target-ws", modalities={"ws": storescp.modality})
+    j2k = [iid for iid, name in upload_samples(source).items() if "J2K" in name]
+    config = bridgectl.write_config(tmp_path, source, target)
+    assert bridgectl.run("catch-up", config, source, target).returncode == 0
+
+    answer = target.store_to_modality("ws", target.instances())
+    assert answer.status_code == 200, answer.text
+    assert len(storescp.received()) == len(SAMPLES)
+    for path in storescp.received():
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
+    assert j2k
+
+
+def test_already_stored_compressed_copy_is_replaced(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    """Orthanc answers AlreadyStored and keeps its old copy: the bridge must notice."""
+    path = pydicom_test_files() / "693_J2KI.dcm"
+    iid = str(source.upload(path)["ID"])
+    target.upload(path)
+    assert target.transfer_syntax(iid) != EXPLICIT_VR_LITTLE_ENDIAN
+    config = bridgectl.write_config(tmp_path, source, target)
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 0, result.stderr
+    assert target.transfer_syntax(iid) == EXPLICIT_VR_LITTLE_ENDIAN
+
+
+def test_delete_mode_deletes_only_verified_originals(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    good = upload_samples(source)
+    broken = truncated_j2k()
+    bad_id = str(source.upload(broken)["ID"])
+    config = bridgectl.write_config(tmp_path, source, target, delete_original=True)
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 1, result.stdout
+    assert f"failed {bad_id}" in result.stdout
+    assert "Traceback" not in result.stderr
+    # Everything converted is gone from the source, but for CT_small (already uncompressed,
+    # also deleted) nothing else remains except the file that could not be converted.
+    assert source.instances() == [bad_id]
+    assert sorted(target.instances()) == sorted(good)
+    status = bridgectl.run("status", config, source, target)
+    assert bad_id in status.stdout and "failed" in status.stdout
+
+
+def truncated_j2k() -> bytes:
+    """A real J2K file whose codestream was cut short: Orthanc stores it, nobody can decode it."""
+    ds = pydicom.dcmread(pydicom_test_files() / "693_J2KI.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    frame = pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1)
+    data = next(frame)
+    ds.PixelData = pydicom.encaps.encapsulate([data[: len(data) // 3]])
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_resume_after_kill_loses_nothing_and_redoes_little(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    copies = bridgectl.variants("693_J2KI.dcm", 60)
+    for data in copies:
+        source.upload(data)
+    config = bridgectl.write_config(tmp_path, source, target)
+    log = tmp_path / "bridge.log"
+
+    first = bridgectl.start("catch-up", config, source, target, log)
+    wait_for(lambda: len(target.instances()) >= 15, 60, "15 converted instances")
+    bridgectl.kill(first, signal.SIGKILL)
+    assert len(target.instances()) < len(copies), "killed too late to prove anything"
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 0, log.read_text() + result.stderr
+    ids = target.instances()
+    assert sorted(ids) == sorted(source.instances())
+    assert all(target.transfer_syntax(i) == EXPLICIT_VR_LITTLE_ENDIAN for i in ids)
+    # Only what was in flight at the kill is converted twice.
+    redone = result.stdout.split(" converted")[0].rsplit(" ", 1)[-1]
+    assert int(redone) <= len(copies) - 15 + 2 * 3 + 2, result.stdout
+
+
+def test_daemon_follows_new_instances_and_stops_cleanly_on_sigterm(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    config = bridgectl.write_config(tmp_path, source, target)
+    log = tmp_path / "bridge.log"
+    daemon = bridgectl.start("run", config, source, target, log)
+    try:
+        for data in bridgectl.variants("MR_small_jp2klossless.dcm", 5):
+            source.upload(data)
+        bridgectl.wait_for_count(target, 5)
+        for data in bridgectl.variants("SC_rgb_rle.dcm", 5):
+            source.upload(data)
+        bridgectl.wait_for_count(target, 10)
+        # Work in flight at the signal is finished or abandoned; either way it exits 0.
+        for data in bridgectl.variants("693_J2KI.dcm", 10):
+            source.upload(data)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=10) == 0, log.read_text()
+    finally:
+        bridgectl.kill(daemon)
+    assert "Traceback" not in log.read_text()
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 0, result.stderr
+    assert sorted(target.instances()) == sorted(source.instances())
+
+
+@pytest.mark.parametrize(
+    ("setup", "message", "code"),
+    [
+        ("config", "workers: expected int", 2),
+        ("down", "cannot reach", 1),
+    ],
+)
+def test_expected_failures_are_one_clear_line(
+    source: OrthancServer,
+    target: OrthancServer,
+    tmp_path: Path,
+    setup: str,
+    message: str,
+    code: int,
+) -> None:
+    if setup == "config":
+        config = bridgectl.write_config(tmp_path, source, target, workers="many")
+    else:
+        config = bridgectl.write_config(tmp_path, source, target, catch_up_retry_seconds=1)
+        source.stop()
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,84 @@
+"""The durable state and the cursor rule: it only passes finished work."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from bridge.budget import ByteBudget
+from bridge.errors import Interrupted, StateError
+from bridge.pipeline import Progress
+from bridge.state import CONVERTED, FAILED, PENDING, PROBLEMS, Entry, State
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> State:
+    return State(tmp_path / "state")
+
+
+def test_cursor_stays_below_the_lowest_change_in_flight(state: State) -> None:
+    progress = Progress(state)
+    for seq in (3, 5, 8):
+        progress.start(seq)
+    progress.scanned(10)
+    assert state.cursor() == 2  # 1 and 2 needed no work; 3 is in flight
+    progress.finish(Entry("i5", 5, CONVERTED))
+    progress.finish(Entry("i8", 8, CONVERTED))
+    assert state.cursor() == 2  # 3 is still in flight
+    progress.finish(Entry("i3", 3, FAILED, error="bad"))
+    assert state.cursor() == 10  # everything read is finished
+    assert state.finished("i5", 5) and not state.finished("i5", 6)
+
+
+def test_cursor_survives_reopening_and_a_second_bridge_is_refused(tmp_path: Path) -> None:
+    first = State(tmp_path)
+    first.set_cursor(42)
+    with pytest.raises(StateError, match="another orthanc-bridge"):
+        State(tmp_path)
+    first.close()
+    again = State(tmp_path)
+    assert again.cursor() == 42
+    again.close()
+
+
+def test_ledger_counts_attempts_and_requeues_problems(state: State) -> None:
+    state.record(Entry("a", 1, FAILED, "1.2.840.10008.1.2.4.90", "truncated"))
+    state.record(Entry("a", 1, FAILED, "1.2.840.10008.1.2.4.90", "still truncated"))
+    state.record(Entry("b", 2, CONVERTED))
+    entry = state.get("a")
+    assert entry is not None
+    assert (entry.attempts, entry.error) == (2, "still truncated")
+    assert state.counts() == {FAILED: 1, CONVERTED: 1}
+    assert state.requeue(PROBLEMS) == ["a"]
+    assert state.counts() == {PENDING: 1, CONVERTED: 1}
+
+
+def test_budget_blocks_growth_until_room_and_admits_a_lone_giant() -> None:
+    stop = threading.Event()
+    budget = ByteBudget(100, stop)
+    with budget.holding() as giant:
+        giant.set(500)  # alone: admitted although over the limit
+    assert budget.used == 0
+    first = budget.holding()
+    holding = first.__enter__()
+    holding.set(80)
+    released = threading.Event()
+
+    def grow() -> None:
+        with budget.holding() as second:
+            second.set(50)
+            released.set()
+
+    thread = threading.Thread(target=grow)
+    thread.start()
+    assert not released.wait(0.3)  # 80 + 50 > 100: waits
+    first.__exit__(None, None, None)
+    thread.join(5)
+    assert released.is_set() and budget.used == 0 and budget.peak == 500
+    stop.set()
+    with budget.holding() as h:
+        h.set(90)
+        with pytest.raises(Interrupted), budget.holding() as other:
+            other.set(50)
