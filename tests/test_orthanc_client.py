@@ -1,0 +1,97 @@
+"""The HTTP client and the feed, against a real Orthanc: every failure becomes a named error."""
+
+from __future__ import annotations
+
+import threading
+
+import pydicom
+import pytest
+
+from bridge import feed
+from bridge.config import ServerConfig
+from bridge.errors import FeedResetError, NotFound, Rejected, ServerUnavailable
+from bridge.orthanc import ChangesPage, OrthancClient, instance_id
+from bridge.retry import RetryPolicy, no_retry
+from tests.orthanc import OrthancServer, free_ports, pydicom_test_files
+
+
+def client(server: OrthancServer, password: str | None = None) -> OrthancClient:
+    user, secret = server.auth or (None, None)
+    config = ServerConfig(server.url, user, password or secret, timeout=5)
+    return OrthancClient(config, "source", no_retry())
+
+
+def test_changes_download_upload_and_delete(source: OrthancServer) -> None:
+    path = pydicom_test_files() / "MR_small_jp2klossless.dcm"
+    iid = str(source.upload(path)["ID"])
+    orthanc = client(source)
+    events = list(
+        feed.follow(
+            orthanc, 0, page_size=2, stop=threading.Event(), poll_interval=0.1, forever=False
+        )
+    )
+    # NewInstance comes first; the new series/study/patient rows need no work but are scanned.
+    assert events == [feed.NewInstance(1, iid), feed.Scanned(2), feed.Scanned(4)]
+    assert events[-1] == feed.Scanned(orthanc.last_change())
+    assert orthanc.download(iid) == path.read_bytes()
+    assert orthanc.transfer_syntax(iid) == "1.2.840.10008.1.2.4.90"
+    ds = pydicom.dcmread(path)
+    assert (
+        instance_id(ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        == iid
+    )
+    again = orthanc.upload(path.read_bytes())
+    assert (again.instance_id, again.status) == (iid, "AlreadyStored")
+    orthanc.delete(iid)
+    orthanc.delete(iid)  # already gone: not an error
+    assert orthanc.transfer_syntax(iid) is None
+    with pytest.raises(NotFound, match="not found"):
+        orthanc.download(iid)
+
+
+def test_failures_are_translated(source: OrthancServer) -> None:
+    with pytest.raises(Rejected, match=r"HTTP 401, check source\.username and password"):
+        client(source, password="wrong").last_change()
+    with pytest.raises(Rejected, match="HTTP 400"):
+        client(source).upload(b"not dicom at all")
+    (port,) = free_ports(1)
+    down = OrthancClient(ServerConfig(f"http://127.0.0.1:{port}"), "target", no_retry())
+    with pytest.raises(ServerUnavailable, match=r"cannot reach http://127\.0\.0\.1:.*refused"):
+        down.system()
+
+
+def test_retry_policy_gives_up_after_its_bound_and_on_stop() -> None:
+    (port,) = free_ports(1)
+    stop = threading.Event()
+    policy = RetryPolicy(stop, max_wait=0.5, initial=0.05, longest=0.1)
+    down = OrthancClient(ServerConfig(f"http://127.0.0.1:{port}"), "source", policy)
+    with pytest.raises(ServerUnavailable):
+        down.system()
+    stop.set()
+    forever = OrthancClient(
+        ServerConfig(f"http://127.0.0.1:{port}"), "source", RetryPolicy(stop, max_wait=None)
+    )
+    with pytest.raises(ServerUnavailable):
+        forever.system()  # returns at once: the stop event ends the retries
+
+
+class _ResetSource:
+    """A change log that ends below the cursor, as after a database reset."""
+
+    def changes(self, since: int, limit: int) -> ChangesPage:
+        return ChangesPage([], True, 3)
+
+
+def test_a_log_ending_below_the_cursor_is_a_reset() -> None:
+    source = _ResetSource()
+    with pytest.raises(FeedResetError, match="ends at 3 but the cursor is at 10"):
+        list(
+            feed.follow(
+                source,  # type: ignore[arg-type]
+                10,
+                page_size=10,
+                stop=threading.Event(),
+                poll_interval=0.1,
+                forever=False,
+            )
+        )
