@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import signal
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -247,7 +248,9 @@ class Pipeline:
     def _new_pool(self) -> ProcessPoolExecutor:
         # forkserver: the workers must not inherit this process's threads and sockets.
         return ProcessPoolExecutor(
-            self.config.worker_count, mp_context=multiprocessing.get_context("forkserver")
+            self.config.worker_count,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_ignore_interrupts,
         )
 
     def _decode(self, data: bytes) -> Transcoded:
@@ -258,6 +261,8 @@ class Pipeline:
                 future = pool.submit(transcode, data, self._options)
                 return self._wait(future)
             except BrokenProcessPool:
+                if self.stop.is_set():
+                    raise Interrupted("shutting down") from None
                 # Another instance may have been the culprit: replace the pool, try once more.
                 with self._pool_lock:
                     if self._pool is pool:
@@ -274,6 +279,12 @@ class Pipeline:
                 if self.stop.is_set():
                     future.cancel()
                     raise Interrupted("shutting down") from None
+
+
+def _ignore_interrupts() -> None:
+    """In decoding processes: Ctrl-C reaches the whole process group, but only the parent
+    decides how to stop; it terminates the workers itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _terminate(pool: ProcessPoolExecutor) -> None:
