@@ -1,0 +1,561 @@
+"""Throughput of the bridge against the naive loop and against the machine's limits.
+
+Run as `python benchmarks/throughput.py [--count N] [--workers W] [--grow] [--json out.json]`.
+
+One corpus of CT-like 512x512 16-bit slices (smooth anatomy plus noise, -1000..2000 HU stored
+with RescaleIntercept -1024), JPEG 2000 lossless, generated once and cached in the temp
+directory. Real Orthanc servers are started on loopback: A is loaded once with the corpus (not
+timed), every variant writes into a fresh, empty B. Measured, on the same corpus:
+
+  naive   one instance at a time: GET /file, pydicom decompress(), save_as, POST (requests)
+  copy    download from A and upload the same compressed bytes to B, with several threads:
+          what the two servers can take (no decoding at all)
+  decode  bridge.transcode.transcode in a process pool over the in-memory corpus: the CPU limit
+  bridge  `python -m bridge catch-up -c bridge.yaml` as a subprocess, fresh state, its wall time
+          from start to exit (interpreter start-up, process pool start-up included)
+
+limit = 1 / (1/copy + 1/decode): the servers and the decoders share the same cores, so their
+costs add up. Peak memory of the bridge is sampled every 50 ms over its whole process tree (the
+bridge, the forkserver and every decoding process), as the sum of RSS and the sum of PSS
+(shared pages divided among the processes that share them, the honest total).
+--grow runs the bridge on COUNT/2 and on COUNT*2 instances to show that memory stays flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bridge.transcode import TranscodeOptions, transcode  # noqa: E402
+from tests.orthanc import OrthancServer  # noqa: E402
+
+SIZE = 512
+DECODED_BYTES = SIZE * SIZE * 2  # pixel bytes of one decoded slice
+CORPUS_VERSION = "ct-j2k-v1"
+COPY_THREADS = 4
+SAMPLE_INTERVAL = 0.05
+MB = 1e6
+
+
+# --- the corpus --------------------------------------------------------------------------------
+
+
+def ct_slice(index: int) -> np.ndarray:
+    """A CT-like slice: air, body outline, fat, lungs, spine, soft organs, texture and noise."""
+    rng = np.random.default_rng(index)
+    yy, xx = np.mgrid[:SIZE, :SIZE].astype(np.float32)
+    cy, cx = SIZE / 2 + 10 * np.sin(index / 20), SIZE / 2
+    hu = np.full((SIZE, SIZE), -1000.0, np.float32)
+
+    def ellipse(dy: float, dx: float, ry: float, rx: float) -> np.ndarray:
+        mask: np.ndarray = ((yy - cy - dy) / (SIZE * ry)) ** 2 + (
+            (xx - cx - dx) / (SIZE * rx)
+        ) ** 2 < 1
+        return mask
+
+    body = ellipse(0, 0, 0.36, 0.44)
+    inner = ellipse(0, 0, 0.33, 0.41)
+    hu[body] = 40
+    hu[body & ~inner] = -100  # subcutaneous fat
+    for side in (-1, 1):
+        hu[ellipse(-10, side * SIZE * 0.18, 0.22, 0.13 + 0.03 * np.cos(index / 15))] = -850
+    hu[ellipse(SIZE * 0.22, 0, 0.05, 0.05)] = 700  # vertebra
+    hu[ellipse(SIZE * 0.22, 0, 0.038, 0.038)] = 1200
+    organ = np.exp(-(((yy - cy + 20) / (SIZE * 0.1)) ** 2 + ((xx - cx + 30) / (SIZE * 0.12)) ** 2))
+    hu += (60 * organ + 15 * np.sin(xx / 23 + index / 7) * np.cos(yy / 31)) * inner
+    hu += np.where(body, rng.normal(0, 13, hu.shape), rng.normal(0, 3, hu.shape))
+    stored: np.ndarray = np.clip(np.rint(hu + 1024), 0, 4095).astype("<u2")
+    return stored
+
+
+def make_instance(index: int, study: str, series: str) -> bytes:
+    """One JPEG 2000 lossless CT instance as a DICOM Part-10 file."""
+    from openjpeg.utils import encode_array
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import UID, JPEG2000Lossless, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientID = "BENCH"
+    ds.PatientName = "Throughput^Benchmark"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.Modality = "CT"
+    ds.InstanceNumber = index + 1
+    ds.SliceThickness = "1.0"
+    ds.ImagePositionPatient = [-250.0, -250.0, float(-index)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [0.9765625, 0.9765625]
+    ds.Rows = ds.Columns = SIZE
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = "-1024"
+    ds.RescaleSlope = "1"
+    ds.WindowCenter, ds.WindowWidth = "40", "400"
+    frame = encode_array(ct_slice(index), bits_stored=12, photometric_interpretation=2)
+    ds.PixelData = encapsulate([frame], has_bot=True)
+    ds["PixelData"].VR = "OB"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _make_file(job: tuple[int, str, str, str]) -> None:
+    index, study, series, path = job
+    data = make_instance(index, study, series)
+    Path(path + ".part").write_bytes(data)
+    os.replace(path + ".part", path)
+
+
+def corpus(count: int, cache: Path) -> list[bytes]:
+    """The first `count` instances of the cached corpus, generated on all cores when missing."""
+    folder = cache / CORPUS_VERSION
+    folder.mkdir(parents=True, exist_ok=True)
+    uids = folder / "uids.json"
+    if not uids.exists():
+        from pydicom.uid import generate_uid
+
+        uids.write_text(json.dumps({"study": generate_uid(), "series": generate_uid()}))
+    ids = json.loads(uids.read_text())
+    paths = [folder / f"{index:05d}.dcm" for index in range(count)]
+    missing = [
+        (index, ids["study"], ids["series"], str(path))
+        for index, path in enumerate(paths)
+        if not path.exists()
+    ]
+    if missing:
+        started = time.monotonic()
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(_make_file, missing, chunksize=8))
+        print(f"generated {len(missing)} instances in {folder} in {_since(started):.0f} s")
+    return [path.read_bytes() for path in paths]
+
+
+# --- servers -----------------------------------------------------------------------------------
+
+
+class Servers:
+    """Orthanc A, loaded once, and a fresh Orthanc B for each variant, under one work dir."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.source = OrthancServer("source", workdir / "source")
+        self._targets = 0
+
+    def load(self, files: Sequence[bytes]) -> None:
+        """Upload files to A (several threads; not timed)."""
+        with ThreadPoolExecutor(COPY_THREADS) as pool:
+            list(pool.map(self.source.upload, files))
+
+    @contextmanager
+    def fresh_target(self) -> Iterator[OrthancServer]:
+        """An empty, newly started Orthanc B; killed and its storage removed afterwards."""
+        self._targets += 1
+        target = OrthancServer(f"target{self._targets}", self.workdir / f"target{self._targets}")
+        target.start()
+        try:
+            yield target
+        finally:
+            target.kill()
+            shutil.rmtree(target.workdir, ignore_errors=True)
+
+
+def _count(server: OrthancServer) -> int:
+    return int(server.get_json("/statistics")["CountInstances"])
+
+
+def _check_target(target: OrthancServer, count: int, what: str) -> None:
+    held = _count(target)
+    if held != count:
+        raise SystemExit(f"{what}: the target holds {held} instances, expected {count}")
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """One variant's figures."""
+
+    variant: str
+    instances: int
+    seconds: float
+    peak_rss_mb: float | None = None
+    peak_pss_mb: float | None = None
+    processes: int | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def decoded_mb_s(self) -> float:
+        return self.instances * DECODED_BYTES / MB / self.seconds
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "instances_per_s": self.rate, "decoded_mb_per_s": self.decoded_mb_s}
+
+
+def naive(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> Result:
+    """The loop anyone writes first: one instance at a time, pydicom's decompress()."""
+    import pydicom
+
+    session = requests.Session()
+    started = time.monotonic()
+    for iid in ids:
+        response = session.get(f"{source.url}/instances/{iid}/file", timeout=60)
+        response.raise_for_status()
+        ds = pydicom.dcmread(io.BytesIO(response.content))
+        ds.decompress(generate_instance_uid=False)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        session.post(f"{target.url}/instances", data=out.getvalue(), timeout=60).raise_for_status()
+    seconds = _since(started)
+    session.close()
+    return Result("naive", len(ids), seconds, note="sequential: GET, decompress(), save_as, POST")
+
+
+def copy(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> Result:
+    """Compressed bytes from A to B unchanged, with several threads: the servers' limit."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_maxsize=COPY_THREADS)
+    session.mount("http://", adapter)
+
+    def one(iid: str) -> None:
+        response = session.get(
+            f"{source.url}/instances/{iid}/file",
+            headers={"Accept-Encoding": "identity"},
+            timeout=60,
+        )
+        response.raise_for_status()
+        session.post(
+            f"{target.url}/instances", data=response.content, timeout=60
+        ).raise_for_status()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(COPY_THREADS) as pool:
+        list(pool.map(one, ids))
+    seconds = _since(started)
+    session.close()
+    return Result("copy", len(ids), seconds, note=f"no decoding, {COPY_THREADS} threads")
+
+
+def decode(files: Sequence[bytes], workers: int) -> Result:
+    """transcode() over the in-memory corpus in a warmed-up process pool: the CPU limit."""
+    context = multiprocessing.get_context("forkserver")
+    options = TranscodeOptions()
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        # Start the processes and import the codecs before timing.
+        list(pool.map(transcode, files[:workers], [options] * workers))
+        started = time.monotonic()
+        total = sum(len(r.data) for r in pool.map(transcode, files, [options] * len(files)))
+        seconds = _since(started)
+    return Result(
+        "decode",
+        len(files),
+        seconds,
+        note=f"{workers} processes, no network",
+        extra={"output_bytes": total},
+    )
+
+
+class TreeMemory:
+    """Samples the summed RSS and PSS of a process and all its descendants."""
+
+    def __init__(self, pid: int, interval: float = SAMPLE_INTERVAL) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak_rss = self.peak_pss = 0
+        self.max_processes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = pss = 0
+            tree = _descendants(self.pid)
+            for pid in tree:
+                usage = _smaps_rollup(pid)
+                rss += usage.get("Rss", 0)
+                pss += usage.get("Pss", 0)
+            self.peak_rss = max(self.peak_rss, rss * 1024)
+            self.peak_pss = max(self.peak_pss, pss * 1024)
+            self.max_processes = max(self.max_processes, len(tree))
+            self._stop.wait(self.interval)
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: parse after the last ')'.
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    usage = {}
+    for line in lines[1:]:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            usage[key] = int(parts[0])
+    return usage
+
+
+def bridge(
+    source: OrthancServer,
+    target: OrthancServer,
+    count: int,
+    workers: int | None,
+    workdir: Path,
+    label: str = "bridge",
+) -> Result:
+    """`python -m bridge catch-up` on a fresh state directory, memory sampled over its tree."""
+    run_dir = workdir / f"bridge-{label}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    config: dict[str, Any] = {
+        "source": {"url": source.url},
+        "target": {"url": target.url},
+        "state_dir": str(run_dir / "state"),
+    }
+    if workers:
+        config["workers"] = workers
+    (run_dir / "bridge.yaml").write_text(json.dumps(config))  # JSON is YAML
+    log = run_dir / "bridge.log"
+    argv = [sys.executable, "-m", "bridge", "catch-up", "-c", str(run_dir / "bridge.yaml")]
+    with log.open("wb") as out:
+        started = time.monotonic()
+        process = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        with TreeMemory(process.pid) as memory:
+            status = process.wait()
+        seconds = _since(started)
+    if status != 0:
+        raise SystemExit(f"bridge exited with {status}; see {log}:\n{log.read_text()[-2000:]}")
+    _check_target(target, count, label)
+    report = [line for line in log.read_text().splitlines() if line.startswith("catch-up:")]
+    return Result(
+        label,
+        count,
+        seconds,
+        peak_rss_mb=memory.peak_rss / MB,
+        peak_pss_mb=memory.peak_pss / MB,
+        processes=memory.max_processes,
+        note=f"catch-up, {workers or os.cpu_count()} workers, wall time incl. start-up",
+        extra={"report": report[-1] if report else ""},
+    )
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
+
+
+def _table(results: Sequence[Result]) -> str:
+    lines = [
+        "| variant | instances | wall s | instances/s | decoded MB/s | peak RSS MB (sum/PSS) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        memory = f"{r.peak_rss_mb:.0f} / {r.peak_pss_mb:.0f}" if r.peak_rss_mb is not None else "-"
+        lines.append(
+            f"| {r.variant} | {r.instances} | {r.seconds:.1f} | {r.rate:.1f} | "
+            f"{r.decoded_mb_s:.1f} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def _measure(
+    servers: Servers, name: str, step: Callable[[OrthancServer], Result], count: int
+) -> Result:
+    with servers.fresh_target() as target:
+        result = step(target)
+        _check_target(target, count, name)
+    print(f"  {name}: {result.rate:.1f} instances/s ({result.seconds:.1f} s)", flush=True)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Generate or reuse the corpus, start the servers, measure every variant, print a table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=300, help="instances (default 300)")
+    parser.add_argument("--workers", type=int, default=0, help="decoding processes (0: CPUs)")
+    parser.add_argument("--grow", action="store_true", help="also bridge COUNT/2 and COUNT*2")
+    parser.add_argument("--only", default="naive,copy,decode,bridge", help="variants to run")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "orthanc-bridge-bench",
+        help="where the generated corpus is kept between runs",
+    )
+    args = parser.parse_args(argv)
+    workers = args.workers or os.cpu_count() or 1
+    variants = set(args.only.split(","))
+    biggest = args.count * 2 if args.grow else args.count
+    files = corpus(biggest, args.cache)
+    small = max(1, args.count // 2)
+    compressed = sum(len(f) for f in files[: args.count])
+    print(
+        f"corpus: {args.count} instances, {compressed / MB:.1f} MB JPEG 2000 lossless, "
+        f"{args.count * DECODED_BYTES / MB:.1f} MB decoded "
+        f"(ratio {args.count * DECODED_BYTES / compressed:.2f}); {os.cpu_count()} CPUs",
+        flush=True,
+    )
+    results: list[Result] = []
+    grow: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="bridge-bench-") as tmp:
+        workdir = Path(tmp)
+        servers = Servers(workdir)
+        servers.source.start()
+        try:
+            if args.grow:
+                # A first holds COUNT/2 instances, then COUNT*2: two catch-ups, fresh each time.
+                servers.load(files[:small])
+                grow.append(
+                    _measure(
+                        servers,
+                        "bridge (grow, small)",
+                        lambda t: bridge(servers.source, t, small, workers, workdir, "grow-small"),
+                        small,
+                    )
+                )
+                servers.load(files[small : args.count])
+            else:
+                servers.load(files[: args.count])
+            ids = sorted(servers.source.instances())
+            assert len(ids) == args.count, f"A holds {len(ids)} instances"
+            if "naive" in variants:
+                results.append(
+                    _measure(servers, "naive", lambda t: naive(servers.source, t, ids), args.count)
+                )
+            if "copy" in variants:
+                results.append(
+                    _measure(servers, "copy", lambda t: copy(servers.source, t, ids), args.count)
+                )
+            if "decode" in variants:
+                results.append(decode(files[: args.count], workers))
+                print(f"  decode: {results[-1].rate:.1f} instances/s", flush=True)
+            if "bridge" in variants:
+                results.append(
+                    _measure(
+                        servers,
+                        "bridge",
+                        lambda t: bridge(servers.source, t, args.count, workers, workdir),
+                        args.count,
+                    )
+                )
+            if args.grow:
+                if "bridge" in variants:
+                    grow.insert(1, results[-1])
+                servers.load(files[args.count : biggest])
+                grow.append(
+                    _measure(
+                        servers,
+                        "bridge (grow, large)",
+                        lambda t: bridge(servers.source, t, biggest, workers, workdir, "grow-big"),
+                        biggest,
+                    )
+                )
+        finally:
+            servers.source.kill()
+
+    by_name = {r.variant: r for r in results}
+    summary: dict[str, float] = {}
+    print()
+    print(f"`python benchmarks/throughput.py --count {args.count} --workers {workers}`")
+    print(f"{os.cpu_count()} CPUs; Orthanc A and B run on the same machine.")
+    print()
+    print(_table(results))
+    if {"copy", "decode"} <= by_name.keys():
+        limit = 1 / (1 / by_name["copy"].rate + 1 / by_name["decode"].rate)
+        summary["limit_instances_per_s"] = limit
+        print(f"\nlimit = 1 / (1/copy + 1/decode) = {limit:.1f} instances/s")
+        if "bridge" in by_name:
+            summary["bridge_over_limit"] = by_name["bridge"].rate / limit
+            print(f"bridge / limit = {summary['bridge_over_limit']:.2f}")
+    if {"naive", "bridge"} <= by_name.keys():
+        summary["bridge_over_naive"] = by_name["bridge"].rate / by_name["naive"].rate
+        print(f"bridge / naive = {summary['bridge_over_naive']:.2f}")
+    if grow:
+        print("\nmemory as the corpus grows (bridge, peak over the whole process tree):\n")
+        print(_table(grow))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "count": args.count,
+                    "workers": workers,
+                    "cpus": os.cpu_count(),
+                    "results": [r.as_dict() for r in results],
+                    "grow": [r.as_dict() for r in grow],
+                    "summary": summary,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
