@@ -97,7 +97,7 @@ class _Process:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    def spawn(self, argv: Sequence[str], cwd: Path) -> None:
+    def spawn(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str] | None = None) -> None:
         if self.running:
             raise RuntimeError(f"already running: {argv[0]}")
         # Append: a restarted server keeps the log of its previous life for post-mortems.
@@ -106,6 +106,7 @@ class _Process:
         self._proc = subprocess.Popen(
             list(argv),
             cwd=cwd,
+            env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -203,6 +204,7 @@ class OrthancServer:
         modalities: Mapping[str, Sequence[str | int]] | None = None,
         extra_config: Mapping[str, Any] | None = None,
         aet: str | None = None,
+        env: Mapping[str, str] | None = None,
         verbose: bool = False,
     ) -> None:
         self.name = name
@@ -212,6 +214,8 @@ class OrthancServer:
         self.users = dict(users or {})
         self.modalities = {key: list(value) for key, value in (modalities or {}).items()}
         self.extra_config = dict(extra_config or {})
+        # Added to Orthanc's environment: its configuration may say "${NAME}".
+        self.env = dict(env or {})
         self.verbose = verbose
         # Chosen once: restart() must come back on the same ports, as a real server would.
         self.http_port, self.dicom_port = free_ports(2)
@@ -275,7 +279,7 @@ class OrthancServer:
         argv = [str(ORTHANC_BINARY), str(self.config_path)]
         if self.verbose:
             argv.append("--verbose")
-        self._process.spawn(argv, cwd=self.workdir)
+        self._process.spawn(argv, cwd=self.workdir, env=self.env)
         try:
             wait_for(self._ready, timeout, f"Orthanc {self.name} on {self.url}")
         except TimeoutError as exc:

@@ -1,0 +1,212 @@
+"""The compose stack is valid, keeps its secrets out of the files, and its Orthanc
+configurations do, on the Orthanc 1.10.1 the other tests use, what the design says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from bridge.config import load
+from tests.orthanc import (
+    INSTALL_HINT,
+    JPEG_2000_LOSSLESS,
+    ORTHANC_BINARY,
+    OrthancServer,
+    discard,
+    require_binary,
+)
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+SERVICES = {"orthanc-source", "orthanc-target", "bridge"}
+SECRETS = {"ORTHANC_SOURCE_PASSWORD": "pw-source-7f3a", "ORTHANC_TARGET_PASSWORD": "pw-target-91c2"}
+# The keys of bridge.yaml that deploy/bridge.yaml may use (the configuration contract).
+BRIDGE_KEYS = {
+    "source",
+    "target",
+    "state_dir",
+    "delete_original",
+    "workers",
+    "poll_interval",
+    "log_level",
+}
+SERVER_KEYS = {"url", "timeout", "verify_tls"}
+# Orthanc's paths and ports in the container; the tests put their own in their place.
+CONTAINER_ONLY = ("StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort")
+
+
+def compose_config(tmp_path: Path, secrets: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`docker-compose config` with only `secrets` set: no deploy/.env, no variable of ours."""
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        raise FileNotFoundError(f"docker-compose not found: {INSTALL_HINT}")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("ORTHANC_", "SOURCE_", "TARGET_"))
+    }
+    env.update(secrets)
+    # An empty env file: a developer's deploy/.env must not make these tests pass or fail.
+    env_file = tmp_path / "empty.env"
+    env_file.write_text("")
+    argv = [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config"]
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> dict[str, Any]:
+    result = compose_config(tmp_path, SECRETS)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert isinstance(config, dict)
+    return config
+
+
+def test_compose_has_the_three_services_with_health_checks(rendered: dict[str, Any]) -> None:
+    services = rendered["services"]
+    assert set(services) == SERVICES
+    for name, service in services.items():
+        assert service["healthcheck"]["test"], name
+        assert service["restart"] == "unless-stopped", name
+    for name in ("orthanc-source", "orthanc-target"):
+        image = services[name]["image"]
+        assert re.fullmatch(r"[\w./-]+:\d[\w.-]*", image), f"{name}: pin a version, not {image}"
+    bridge = services["bridge"]
+    assert bridge["command"] == ["run", "-c", "/etc/orthanc-bridge/bridge.yaml"]
+    assert {dep: cond["condition"] for dep, cond in bridge["depends_on"].items()} == {
+        "orthanc-source": "service_healthy",
+        "orthanc-target": "service_healthy",
+    }
+
+
+def test_compose_keeps_state_and_storage_in_named_volumes(rendered: dict[str, Any]) -> None:
+    assert set(rendered["volumes"]) == {"bridge-state", "orthanc-source-db", "orthanc-target-db"}
+    bridge_volumes = rendered["services"]["bridge"]["volumes"]
+    assert any(v.startswith("bridge-state:/var/lib/orthanc-bridge") for v in bridge_volumes)
+    for name in ("orthanc-source", "orthanc-target"):
+        volumes = rendered["services"][name]["volumes"]
+        assert any(v.startswith(f"{name}-db:/var/lib/orthanc/db") for v in volumes), name
+
+
+def test_compose_takes_every_password_from_the_environment(rendered: dict[str, Any]) -> None:
+    environments = {name: s["environment"] for name, s in rendered["services"].items()}
+    assert environments["bridge"]["BRIDGE_SOURCE_PASSWORD"] == SECRETS["ORTHANC_SOURCE_PASSWORD"]
+    assert environments["bridge"]["BRIDGE_TARGET_PASSWORD"] == SECRETS["ORTHANC_TARGET_PASSWORD"]
+    assert environments["orthanc-source"]["ORTHANC_PASSWORD"] == SECRETS["ORTHANC_SOURCE_PASSWORD"]
+    assert environments["orthanc-target"]["ORTHANC_PASSWORD"] == SECRETS["ORTHANC_TARGET_PASSWORD"]
+    # In the files themselves, every password is a required variable, never a value.
+    raw = yaml.safe_load(COMPOSE_FILE.read_text())
+    for name, service in raw["services"].items():
+        for key, value in (service.get("environment") or {}).items():
+            if "PASSWORD" in key:
+                assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), f"{name}.{key} = {value!r}"
+    for path in DEPLOY.iterdir():
+        if path.is_file() and path.name != ".env":
+            assert not any(secret in path.read_text() for secret in SECRETS.values())
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_a_missing_password(tmp_path: Path, missing: str) -> None:
+    secrets = {k: v for k, v in SECRETS.items() if k != missing}
+    result = compose_config(tmp_path, secrets)
+    assert result.returncode != 0
+    assert missing in result.stderr
+
+
+def test_bridge_yaml_uses_only_the_contract_keys() -> None:
+    raw = yaml.safe_load((DEPLOY / "bridge.yaml").read_text())
+    assert set(raw) <= BRIDGE_KEYS
+    for side in ("source", "target"):
+        # No credentials in the file: the container's environment brings them.
+        assert set(raw[side]) <= SERVER_KEYS, side
+    env = {
+        "BRIDGE_SOURCE_USERNAME": "bridge",
+        "BRIDGE_SOURCE_PASSWORD": "s",
+        "BRIDGE_TARGET_USERNAME": "bridge",
+        "BRIDGE_TARGET_PASSWORD": "t",
+    }
+    config = load(DEPLOY / "bridge.yaml", env=env)
+    assert str(config.state_dir) == "/var/lib/orthanc-bridge"
+    assert config.source.url == "http://orthanc-source:8042"
+    assert config.target.url == "http://orthanc-target:8042"
+    assert config.source.password == "s"
+    assert config.target.password == "t"
+
+
+def orthanc_known_keys(tmp_path: Path) -> set[str]:
+    """Every option named in the default configuration this Orthanc writes (comments included)."""
+    require_binary(ORTHANC_BINARY, "Orthanc")
+    dump = tmp_path / "default.json"
+    subprocess.run([str(ORTHANC_BINARY), f"--config={dump}"], check=True, timeout=30)
+    return set(re.findall(r'"(\w+)"\s*:', dump.read_text()))
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_orthanc_json_uses_only_known_options(tmp_path: Path, side: str) -> None:
+    config = json.loads((DEPLOY / f"orthanc-{side}.json").read_text())
+    # Orthanc 1.10 ignores an unknown option silently: a typo would go unnoticed.
+    unknown = set(config) - orthanc_known_keys(tmp_path)
+    assert not unknown, f"orthanc-{side}.json: not options of Orthanc 1.10: {sorted(unknown)}"
+
+
+def deploy_orthanc(side: str, tmp_path: Path) -> OrthancServer:
+    """Orthanc started with deploy/orthanc-<side>.json, only its paths and ports replaced."""
+    config = json.loads((DEPLOY / f"orthanc-{side}.json").read_text())
+    for key in CONTAINER_ONLY:
+        del config[key]
+    aet = config.pop("DicomAet")
+    user, password = "bridge", f"{side}-password"
+    server = OrthancServer(
+        f"deploy-{side}",
+        tmp_path / side,
+        aet=aet,
+        users={user: password},  # what the helpers log in with
+        extra_config=config,  # RegisteredUsers: {"${ORTHANC_USERNAME}": "${ORTHANC_PASSWORD}"}
+        env={"ORTHANC_USERNAME": user, "ORTHANC_PASSWORD": password},
+    )
+    server.start()
+    return server
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_orthanc_json_runs_with_credentials_from_the_environment(tmp_path: Path, side: str) -> None:
+    server = deploy_orthanc(side, tmp_path)
+    try:
+        system = server.get_json("/system")
+        assert system["Name"] == f"orthanc-{side}"
+        assert system["DicomAet"] == f"ORTHANC_{side.upper()}"
+        assert requests.get(f"{server.url}/system", timeout=5).status_code == 401
+        wrong = requests.get(f"{server.url}/system", auth=("bridge", "x"), timeout=5)
+        assert wrong.status_code == 401
+    finally:
+        discard(server)
+
+
+def test_source_json_accepts_jpeg2000_over_dicom(
+    tmp_path: Path, pydicom_samples: dict[str, Path]
+) -> None:
+    """What the PACS does: a C-STORE in JPEG 2000, stored as it came."""
+    server = deploy_orthanc("source", tmp_path)
+    try:
+        storescu = [
+            "storescu",
+            "--propose-j2k-lossless",  # what a PACS holding JPEG 2000 does
+            "--aetitle", "PACS",
+            "--call", server.aet,
+            "127.0.0.1",
+            str(server.dicom_port),
+            str(pydicom_samples["j2k_lossless"]),
+        ]  # fmt: skip
+        result = subprocess.run(storescu, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        (instance_id,) = server.instances()
+        assert server.transfer_syntax(instance_id) == JPEG_2000_LOSSLESS
+    finally:
+        discard(server)
