@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import struct
 from collections.abc import Iterator
@@ -57,6 +56,23 @@ _PACKAGES: dict[str, str] = {
 # Lossy JPEG is converted to RGB like DCMTK's dcmdjpeg does; every other syntax keeps the colour
 # space its decoder delivers, so that lossless data stays bit-exact.
 _TO_RGB = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit}
+
+# JPEG, JPEG-LS and JPEG 2000 codestreams all end with 0xFFD9 (EOI / EOC). Some decoders fill a
+# cut-off image with grey instead of failing, so a missing end marker is checked first (after
+# the 0x00 or 0xFF padding some encoders append).
+_ENDS_WITH_FFD9 = {
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+}
 
 _ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
 _SEQ_DELIMITER = 0xE0DDFFFE
@@ -120,7 +136,7 @@ def _available_chain(transfer_syntax: str) -> list[str]:
     if transfer_syntax == ENCAPSULATED_UNCOMPRESSED:
         return list(chain)
     available = set(get_decoder(transfer_syntax).available_plugins)
-    if importlib.util.find_spec("gdcm") is not None:
+    if "gdcm" in available:
         available.add("gdcm-direct")
     return [name for name in chain if name in available]
 
@@ -210,6 +226,10 @@ def iter_decoded(
         raise DecodeError(f"no decoder installed; needs {missing_decoder_hint(transfer_syntax)}")
     for index, fragments in enumerate(frames):
         encoded = fragments[0].tobytes() if len(fragments) == 1 else b"".join(fragments)
+        if transfer_syntax in _ENDS_WITH_FFD9 and not encoded.rstrip(b"\0\xff").endswith(
+            b"\xff\xd9"
+        ):
+            raise DecodeError(f"frame {index} is truncated: its codestream has no end marker")
         failures: list[str] = []
         for name in list(chain):
             try:

@@ -153,6 +153,12 @@ def _detect_vr_encoding(buf: memoryview, start: int, implicit: bool, little: boo
     # without ambiguity, and pydicom follows it anyway, so the pixel data header must too.
     if start + 6 > len(buf):
         return implicit
+    declared = struct.unpack_from("<H" if little else ">H", buf, start)[0]
+    swapped_group = struct.unpack_from(">H" if little else "<H", buf, start)[0]
+    if swapped_group < 0x0100 <= declared and declared & 0xFF == 0:
+        # The first group is nearly always a small one (0008 usually): read in the wrong byte
+        # order it becomes 0x0800, while a genuine private group like 3F03 stays alone.
+        raise DecodeError("byte order of the dataset contradicts the transfer syntax")
     looks_explicit = bytes(buf[start + 4 : start + 6]) in _VALID_VRS
     if not little and not looks_explicit:
         raise DecodeError("transfer syntax says explicit VR big endian but the dataset is not")
