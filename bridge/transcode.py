@@ -309,7 +309,7 @@ def _decompress_icons(dataset: Dataset, syntax: str) -> None:
         for item in elem.value:
             if elem.tag == _ICON_IMAGE_SEQUENCE and PIXEL_DATA in item:
                 pixel = item[PIXEL_DATA]
-                if pixel.is_undefined_length or syntax in DECODER_CHAINS:
+                if pixel.is_undefined_length:
                     _decompress_icon(item, syntax)
             _decompress_icons(item, syntax)
 
