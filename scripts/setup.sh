@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Install what the tests need, only what is missing; safe to run again and again.
+#
+# As root, or as a user with sudo. Debian packages: orthanc (the real servers the tests run),
+# dcmtk (storescp, the workstation), libgdcm-tools (gdcmconv, an independent decoder),
+# docker-compose (validates deploy/docker-compose.yml; no docker engine needed) and
+# python3-venv. Then .venv with the project and its [test,gpl] extras.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# `python3` from PATH, not /usr/bin/python3: on the developers' machines it is pyenv's 3.11,
+# which has the wheels cached; Debian's python3 (3.11 on bookworm) works as well.
+PYTHON=${PYTHON:-python3}
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO=(sudo)
+fi
+
+missing_packages() {
+    [ -x /usr/sbin/Orthanc ] || echo orthanc
+    command -v storescp >/dev/null || echo dcmtk
+    command -v gdcmconv >/dev/null || echo libgdcm-tools
+    command -v docker-compose >/dev/null || echo docker-compose
+    "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
+}
+
+# Debian starts a service right after installing it; policy-rc.d forbids that meanwhile,
+# so the packaged Orthanc never binds 8042 behind the tests' back.
+install_packages() {
+    local added_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+        "${SUDO[@]}" chmod 755 /usr/sbin/policy-rc.d
+        added_policy=1
+    fi
+    local status=0
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q || status=$?
+    if [ "$status" -eq 0 ]; then
+        # No recommends: docker-compose would pull in a whole docker engine.
+        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -q --no-install-recommends "$@" || status=$?
+    fi
+    if [ "$added_policy" -eq 1 ]; then
+        "${SUDO[@]}" rm -f /usr/sbin/policy-rc.d
+    fi
+    return "$status"
+}
+
+# In case the service was started anyway (an earlier install, a policy-rc.d that allowed it).
+disable_orthanc_service() {
+    [ -e /etc/init.d/orthanc ] || [ -e /lib/systemd/system/orthanc.service ] || return 0
+    if [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now orthanc >/dev/null 2>&1 || true
+    else
+        if [ -x /etc/init.d/orthanc ] && "${SUDO[@]}" /etc/init.d/orthanc status >/dev/null 2>&1; then
+            "${SUDO[@]}" /etc/init.d/orthanc stop || true
+        fi
+        "${SUDO[@]}" update-rc.d orthanc disable >/dev/null 2>&1 || true
+    fi
+}
+
+mapfile -t packages < <(missing_packages)
+if [ "${#packages[@]}" -gt 0 ]; then
+    echo "setup: installing ${packages[*]}"
+    install_packages "${packages[@]}"
+fi
+disable_orthanc_service
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $("$PYTHON" --version)"
+    "$PYTHON" -m venv .venv
+fi
+# Reinstall only when pyproject.toml changed: a stamp holds the hash it was installed from.
+stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+if [ ! -e "$stamp" ]; then
+    echo "setup: installing the project into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test,gpl]'
+    rm -f .venv/.installed-*
+    touch "$stamp"
+fi
+echo "setup: ready"
