@@ -70,11 +70,13 @@ class Transfer:
                 expected = result.source_syntax if result.forwarded else EXPLICIT_VR_LITTLE_ENDIAN
                 self._store(iid, result, expected)
             except UnsupportedSyntax as exc:
-                log.error("instance %s: kept in the source, unsupported: %s", iid, exc)
-                return Entry(iid, item.seq, UNSUPPORTED, syntax, str(exc), _since(started))
+                reason = _one_line(exc)
+                log.error("instance %s: kept in the source, unsupported: %s", iid, reason)
+                return Entry(iid, item.seq, UNSUPPORTED, syntax, reason, _since(started))
             except PermanentError as exc:
-                log.error("instance %s: kept in the source, failed: %s", iid, exc)
-                return Entry(iid, item.seq, FAILED, syntax, str(exc), _since(started))
+                reason = _one_line(exc)
+                log.error("instance %s: kept in the source, failed: %s", iid, reason)
+                return Entry(iid, item.seq, FAILED, syntax, reason, _since(started))
         deleted = False
         if self.delete_original and expected == EXPLICIT_VR_LITTLE_ENDIAN:
             self.source.delete(iid)
@@ -118,3 +120,10 @@ class Transfer:
 
 def _since(started: float) -> float:
     return time.monotonic() - started
+
+
+def _one_line(exc: Exception) -> str:
+    """The error message with every run of whitespace, newlines included, made one space."""
+    # Decoders' messages span several lines; the summary and `status` print one instance per
+    # line, its reason after the ID, so a multi-line reason would break them.
+    return " ".join(str(exc).split())

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,76 @@ def wait_for_count(server: OrthancServer, count: int, timeout: float = 60) -> li
         timeout,
         f"{count} instances in {server.name}",
     )
+
+
+class PeakRss:
+    """Tracks the peak memory of a process group: the bridge, its forkserver and its workers.
+
+    Each process's own high-water mark (VmHWM, kept by the kernel) is read while it lives, so a
+    short spike between two polls is not missed; their sum bounds the group's peak from above.
+    """
+
+    def __init__(self, pgid: int, interval: float = 0.02) -> None:
+        self.pgid = pgid
+        self._interval = interval
+        self._peaks: dict[int, int] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.is_set():
+            for proc in Path("/proc").iterdir():
+                if proc.name.isdigit():
+                    self._sample(proc)
+            self._done.wait(self._interval)
+
+    def _sample(self, proc: Path) -> None:
+        try:
+            # The command name (field 2) may hold spaces: fields after its ")" are fixed.
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != self.pgid:
+                return
+            for line in (proc / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    kib = int(line.split()[1])
+                    pid = int(proc.name)
+                    self._peaks[pid] = max(self._peaks.get(pid, 0), kib * 1024)
+        except (OSError, IndexError, ValueError):
+            pass  # the process ended between listing and reading
+
+    def stop(self) -> int:
+        """Stop polling; return the sum of every group member's peak RSS, in bytes."""
+        self._done.set()
+        self._thread.join()
+        return sum(self._peaks.values())
+
+
+def run_measured(
+    command: str,
+    config: Path,
+    source: OrthancServer,
+    target: OrthancServer,
+    *args: str,
+    timeout: float = 120,
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Like `run`, also returning the peak RSS of the bridge and its workers, in bytes."""
+    argv = [sys.executable, "-m", "bridge", command, "-c", str(config), *args]
+    process = subprocess.Popen(
+        argv,
+        cwd=REPO,
+        env=env(source, target),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, which PeakRss follows
+    )
+    monitor = PeakRss(process.pid)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        peak = monitor.stop()
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), peak
