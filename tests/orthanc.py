@@ -139,6 +139,7 @@ class _Process:
             )
         if proc is not None and proc.poll() is None:
             proc.kill()
+            self._terminated = True  # nothing left to ask politely
         self.stop()
         return crashed
 
