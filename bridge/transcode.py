@@ -96,6 +96,13 @@ class _Context:
 def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:
     """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID."""
     context = _Context()
+    # An element the sender wrote with VR UN is kept as UN, byte for byte, as DCMTK does:
+    # pydicom would otherwise re-encode it with the dictionary's VR, and when that element
+    # is an identifier (PatientID...) Orthanc then files the copy under another ID.
+    replace_un, pydicom.config.replace_un_with_known_vr = (
+        pydicom.config.replace_un_with_known_vr,
+        False,
+    )
     try:
         return _transcode(bytes(data) if not isinstance(data, bytes) else data, options, context)
     except (DecodeError, UnsupportedSyntax, TooLarge) as exc:
@@ -104,6 +111,8 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
         raise
     except Exception as exc:  # pydicom, numpy and the decoders raise anything on bad input
         raise DecodeError(context.describe(f"{type(exc).__name__}: {exc}")) from exc
+    finally:
+        pydicom.config.replace_un_with_known_vr = replace_un
 
 
 def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Transcoded:
@@ -112,7 +121,7 @@ def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Tra
     context.transfer_syntax = str(syntax)
     context.sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
     parsed = parse(data, meta, start)
-    sop = str(parsed.dataset.get("SOPInstanceUID", "") or context.sop_instance_uid)
+    sop = _uid(parsed.dataset, "SOPInstanceUID") or context.sop_instance_uid
     context.sop_instance_uid = sop
     if not sop or not (parsed.dataset.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")):
         raise DecodeError("instance has no SOP Instance UID or no SOP Class UID")
@@ -337,14 +346,22 @@ def _file_meta(parsed: Parsed) -> FileMetaDataset:
     meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
     dataset = parsed.dataset
     if "SOPClassUID" in dataset:
-        meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+        meta.MediaStorageSOPClassUID = _uid(dataset, "SOPClassUID")
     if "SOPInstanceUID" in dataset:
-        meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        meta.MediaStorageSOPInstanceUID = _uid(dataset, "SOPInstanceUID")
     # This implementation wrote the file, so it names itself (PS3.10 7.1): a bad output can then
     # be traced to the bridge rather than to the modality that produced the source.
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
     return meta
+
+
+def _uid(dataset: Dataset, keyword: str) -> str:
+    """A UID as text, also when the sender wrote it with VR UN (kept as raw bytes, see above)."""
+    value = dataset.get(keyword, "")
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").rstrip("\x00 ")
 
 
 def _serialize(dataset: Dataset) -> bytes:
