@@ -29,8 +29,7 @@ SAMPLES = [
     "693_J2KI.dcm",
     "GDCMJ2K_TextGBR.dcm",
     "JPGExtended.dcm",
-    "rtdose_rle.dcm",
-    "SC_rgb_jpeg_gdcm.dcm",
+    "SC_rgb_rle.dcm",
     "SC_rgb_jpeg_dcmtk.dcm",
     "CT_small.dcm",
 ]
