@@ -346,9 +346,9 @@ def _file_meta(parsed: Parsed) -> FileMetaDataset:
     meta.TransferSyntaxUID = UID(EXPLICIT_VR_LITTLE_ENDIAN)
     dataset = parsed.dataset
     if "SOPClassUID" in dataset:
-        meta.MediaStorageSOPClassUID = _uid(dataset, "SOPClassUID")
+        meta.MediaStorageSOPClassUID = UID(_uid(dataset, "SOPClassUID"))
     if "SOPInstanceUID" in dataset:
-        meta.MediaStorageSOPInstanceUID = _uid(dataset, "SOPInstanceUID")
+        meta.MediaStorageSOPInstanceUID = UID(_uid(dataset, "SOPInstanceUID"))
     # This implementation wrote the file, so it names itself (PS3.10 7.1): a bad output can then
     # be traced to the bridge rather than to the modality that produced the source.
     meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
