@@ -25,7 +25,7 @@ from bridge.errors import BridgeError, ConfigError, StateError
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline, Summary
 from bridge.retry import RetryPolicy, no_retry
-from bridge.state import PROBLEMS, State
+from bridge.state import PENDING, PROBLEMS, State
 
 log = logging.getLogger("bridge")
 
@@ -173,7 +173,9 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
     started = time.monotonic()
 
     def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
-        ids = pipeline.state.requeue(PROBLEMS)
+        # PENDING too: a retry that was killed or gave up on a server left its instances
+        # pending; without this, no later retry would ever pick them up again.
+        ids = pipeline.state.requeue((*PROBLEMS, PENDING))
         log.info("retrying %d instances", len(ids))
         return pipeline.process(ids)
 
