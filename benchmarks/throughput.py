@@ -299,6 +299,7 @@ class TreeMemory:
         self.interval = interval
         self.peak_rss = self.peak_pss = 0
         self.max_processes = 0
+        self._cpu: dict[int, float] = {}  # last CPU seconds seen of each process in the tree
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -315,6 +316,7 @@ class TreeMemory:
             rss = pss = 0
             tree = _descendants(self.pid)
             for pid in tree:
+                self._cpu[pid] = max(self._cpu.get(pid, 0.0), cpu_seconds(pid))
                 usage = _smaps_rollup(pid)
                 rss += usage.get("Rss", 0)
                 pss += usage.get("Pss", 0)
@@ -322,6 +324,21 @@ class TreeMemory:
             self.peak_pss = max(self.peak_pss, pss * 1024)
             self.max_processes = max(self.max_processes, len(tree))
             self._stop.wait(self.interval)
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds used by the tree (to the last sample of each process)."""
+        return sum(self._cpu.values())
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(root: int) -> list[int]:
@@ -400,7 +417,7 @@ def bridge(
         peak_pss_mb=memory.peak_pss / MB,
         processes=memory.max_processes,
         note=f"catch-up, {workers or os.cpu_count()} workers, wall time incl. start-up",
-        extra={"report": report[-1] if report else ""},
+        extra={"report": report[-1] if report else "", "cpu_s": {"bridge": memory.cpu}},
     )
 
 
@@ -429,9 +446,18 @@ def _measure(
     servers: Servers, name: str, step: Callable[[OrthancServer], Result], count: int
 ) -> Result:
     with servers.fresh_target() as target:
+        assert servers.source.pid is not None and target.pid is not None
+        before = cpu_seconds(servers.source.pid), cpu_seconds(target.pid)
         result = step(target)
+        cpu = result.extra.setdefault("cpu_s", {})
+        cpu["source"] = cpu_seconds(servers.source.pid) - before[0]
+        cpu["target"] = cpu_seconds(target.pid) - before[1]
         _check_target(target, count, name)
-    print(f"  {name}: {result.rate:.1f} instances/s ({result.seconds:.1f} s)", flush=True)
+    spent = ", ".join(f"{key} {value:.1f}" for key, value in cpu.items())
+    print(
+        f"  {name}: {result.rate:.1f} instances/s ({result.seconds:.1f} s; CPU s: {spent})",
+        flush=True,
+    )
     return result
 
 

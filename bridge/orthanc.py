@@ -73,6 +73,16 @@ class OrthancClient:
         """Release pooled connections."""
         self._session.close()
 
+    def keep_connections(self, count: int) -> None:
+        """Keep up to `count` connections open for reuse: one per thread sharing this client.
+
+        requests keeps 10 per host by default; a thread beyond that would open (and close) a
+        new connection for every request.
+        """
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=max(count, 10))
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
     # --- the change log -------------------------------------------------------------------
 
     def changes(self, since: int, limit: int) -> ChangesPage:
@@ -88,7 +98,15 @@ class OrthancClient:
 
     def download(self, instance: str) -> bytes:
         """The stored DICOM file of `instance`, byte for byte."""
-        return self._call("GET", f"/instances/{instance}/file", what=f"download {instance}").content
+        # Not gzip: compressed pixel data does not shrink, and gzip would cost CPU on both
+        # sides of a connection that is usually a LAN or the loopback.
+        response = self._call(
+            "GET",
+            f"/instances/{instance}/file",
+            what=f"download {instance}",
+            headers={"Accept-Encoding": "identity"},
+        )
+        return response.content
 
     def upload(self, data: bytes | bytearray) -> Stored:
         """Store a DICOM file; Orthanc answers Success or AlreadyStored."""

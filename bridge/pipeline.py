@@ -122,7 +122,10 @@ class Pipeline:
         self._pool = self._new_pool()
         # Enough threads that every decoding process has the next instance downloaded and
         # the previous one uploading.
-        self._threads = ThreadPoolExecutor(workers * 2 + 2, thread_name_prefix="transfer")
+        threads = workers * 2 + 2
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
+        for client in (source, target):
+            client.keep_connections(threads + 1)  # the transfer threads and the feed
         self._slots = threading.Semaphore(workers * 3 + 2)
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
