@@ -469,15 +469,21 @@ def test_an_interrupted_retry_leaves_nothing_behind(
 ) -> None:
     """`retry` marks its instances pending first: if it cannot finish, the next one goes on."""
     bad = str(source.upload(hostile.truncated_codestream())["ID"])
-    config = bridgectl.write_config(tmp_path, source, target, catch_up_retry_seconds=1)
-    assert bridgectl.run("catch-up", config, source, target).returncode == 1
+    config = bridgectl.write_config(tmp_path, source, target)
+    first = bridgectl.run("catch-up", config, source, target)
+    assert first.returncode == 1, first.stdout + first.stderr
+    assert f"failed {bad}: " in first.stdout, first.stdout
 
     failure = source.kill()
     assert failure is None, failure
+    # Gives up on the source after a second: the instance is then neither failed nor done.
+    bridgectl.write_config(tmp_path, source, target, catch_up_retry_seconds=1)
     cut = bridgectl.run("retry", config, source, target)
     assert cut.returncode == 1, cut.stdout + cut.stderr
     assert "not finished" in cut.stdout, cut.stdout
+    assert ledger(config, bad).state == "pending"
     source.start()
+    bridgectl.write_config(tmp_path, source, target)
 
     again = bridgectl.run("retry", config, source, target)
     assert again.returncode == 1, again.stdout + again.stderr
