@@ -70,6 +70,15 @@ def gigantic_header() -> bytes:
     return _save(ds)
 
 
+def lying_dimensions() -> bytes:
+    """A valid 512 x 512 codestream in a header claiming 30000 x 30000 (1.7 GB decoded)."""
+    # Under the default size limit: only a bridge that checks the first frame before
+    # allocating the whole output stays small.
+    ds = _load(J2K_SOURCE)
+    ds.Rows = ds.Columns = 30000
+    return _save(ds)
+
+
 def video() -> bytes:
     """An MPEG-4 AVC/H.264 instance: a few bytes of "video" in encapsulated pixel data."""
     ds = _load(J2K_SOURCE)
@@ -86,5 +95,6 @@ BAD_FILES: dict[str, Callable[[], bytes]] = {
     "j2k_as_jpeg_ls": mislabelled(JPEG_LS_LOSSLESS),
     "j2k_as_rle": mislabelled(RLE_LOSSLESS),
     "gigantic": gigantic_header,
+    "lying_dimensions": lying_dimensions,
     "video": video,
 }
