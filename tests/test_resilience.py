@@ -190,6 +190,14 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     assert report["counts"] == {"converted": len(uploaded)}, report
     # Not `behind == 0`: Orthanc logs StableSeries/Study/Patient a few seconds after arrivals.
     assert report["problems"] == [], report
+    # Recorded once each: nothing finished before a kill was converted again after it.
+    state = State(config.parent / "state", read_only=True)
+    try:
+        entries = state.entries(("converted",), limit=10 * len(uploaded))
+    finally:
+        state.close()
+    assert {e.instance_id for e in entries} == uploaded
+    assert [e for e in entries if e.attempts != 1] == []
 
 
 def test_sigkill_at_random_moments_with_delete_original(
