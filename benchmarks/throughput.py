@@ -1,6 +1,7 @@
 """Throughput of the bridge against the naive loop and against the machine's limits.
 
-Run as `python benchmarks/throughput.py [--count N] [--workers W] [--grow] [--json out.json]`.
+Run as `python benchmarks/throughput.py [--count N] [--workers W] [--repeat R] [--grow]
+[--only naive,copy,decode,copy-decoded,bridge] [--json out.json]`.
 
 One corpus of CT-like 512x512 16-bit slices (smooth anatomy plus noise, -1000..2000 HU stored
 with RescaleIntercept -1024), JPEG 2000 lossless, generated once and cached in the temp
@@ -11,19 +12,24 @@ timed), every variant writes into a fresh, empty B. Measured, on the same corpus
   copy    download from A and upload the same compressed bytes to B, with several threads:
           what the two servers can take (no decoding at all)
   decode  bridge.transcode.transcode in a process pool over the in-memory corpus: the CPU limit
+  copy (decoded upload)
+          as copy, but uploading the decoded file of each instance (computed beforehand): the
+          servers' limit for the traffic the bridge really makes (3x more bytes to upload)
   bridge  `python -m bridge catch-up -c bridge.yaml` as a subprocess, fresh state, its wall time
           from start to exit (interpreter start-up, process pool start-up included)
 
 limit = 1 / (1/copy + 1/decode): the servers and the decoders share the same cores, so their
-costs add up. Peak memory of the bridge is sampled every 50 ms over its whole process tree (the
-bridge, the forkserver and every decoding process), as the sum of RSS and the sum of PSS
-(shared pages divided among the processes that share them, the honest total).
+costs add up; the same with copy (decoded upload) gives the limit for the bridge's own traffic.
+Peak memory of the bridge is sampled every 50 ms over its whole process tree (the bridge, the
+forkserver and every decoding process), as the sum of RSS and the sum of PSS (shared pages
+divided among the processes that share them: the honest total).
 --grow runs the bridge on COUNT/2 and on COUNT*2 instances to show that memory stays flat.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import json
 import multiprocessing
@@ -34,7 +40,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -48,6 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bridge.orthanc import instance_id  # noqa: E402
 from bridge.transcode import TranscodeOptions, transcode  # noqa: E402
 from tests.orthanc import OrthancServer  # noqa: E402
 
@@ -233,7 +240,7 @@ def naive(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> R
     import pydicom
 
     session = requests.Session()
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     for iid in ids:
         response = session.get(f"{source.url}/instances/{iid}/file", timeout=60)
         response.raise_for_status()
@@ -244,11 +251,26 @@ def naive(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> R
         session.post(f"{target.url}/instances", data=out.getvalue(), timeout=60).raise_for_status()
     seconds = _since(started)
     session.close()
-    return Result("naive", len(ids), seconds, note="sequential: GET, decompress(), save_as, POST")
+    return Result(
+        "naive",
+        len(ids),
+        seconds,
+        note="sequential: GET, decompress(), save_as, POST",
+        extra={"cpu_s": {"client": time.process_time() - cpu}},
+    )
 
 
-def copy(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> Result:
-    """Compressed bytes from A to B unchanged, with several threads: the servers' limit."""
+def copy(
+    source: OrthancServer,
+    target: OrthancServer,
+    ids: Sequence[str],
+    uploads: Mapping[str, bytes] | None = None,
+) -> Result:
+    """Download from A and upload to B with several threads, no decoding: the servers' limit.
+
+    The bytes downloaded are uploaded unchanged, or with `uploads`, the given (decoded) file
+    of each instance instead: the same traffic as the bridge's, minus its checks.
+    """
     session = requests.Session()
     adapter = requests.adapters.HTTPAdapter(pool_maxsize=COPY_THREADS)
     session.mount("http://", adapter)
@@ -260,20 +282,27 @@ def copy(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> Re
             timeout=60,
         )
         response.raise_for_status()
-        session.post(
-            f"{target.url}/instances", data=response.content, timeout=60
-        ).raise_for_status()
+        body = uploads[iid] if uploads is not None else response.content
+        session.post(f"{target.url}/instances", data=body, timeout=60).raise_for_status()
 
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     with ThreadPoolExecutor(COPY_THREADS) as pool:
         list(pool.map(one, ids))
     seconds = _since(started)
     session.close()
-    return Result("copy", len(ids), seconds, note=f"no decoding, {COPY_THREADS} threads")
+    extra: dict[str, Any] = {"cpu_s": {"client": time.process_time() - cpu}}
+    if uploads is None:
+        note = f"no decoding, {COPY_THREADS} threads"
+        return Result("copy", len(ids), seconds, note=note, extra=extra)
+    note = f"no decoding, uploads the decoded files, {COPY_THREADS} threads"
+    return Result("copy (decoded upload)", len(ids), seconds, note=note, extra=extra)
 
 
-def decode(files: Sequence[bytes], workers: int) -> Result:
-    """transcode() over the in-memory corpus in a warmed-up process pool: the CPU limit."""
+def decode(files: Sequence[bytes], workers: int, keep: list[bytes] | None = None) -> Result:
+    """transcode() over the in-memory corpus in a warmed-up process pool: the CPU limit.
+
+    The outputs are appended to `keep` when it is given.
+    """
     context = multiprocessing.get_context("forkserver")
     options = TranscodeOptions()
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
@@ -282,7 +311,11 @@ def decode(files: Sequence[bytes], workers: int) -> Result:
         pids = list(getattr(pool, "_processes", {}))
         cpu = sum(cpu_seconds(pid) for pid in pids)
         started = time.monotonic()
-        total = sum(len(r.data) for r in pool.map(transcode, files, [options] * len(files)))
+        total = 0
+        for result in pool.map(transcode, files, [options] * len(files)):
+            total += len(result.data)
+            if keep is not None:
+                keep.append(bytes(result.data))
         seconds = _since(started)
         cpu = sum(cpu_seconds(pid) for pid in pids) - cpu
     return Result(
@@ -403,7 +436,7 @@ def bridge(
     log = run_dir / "bridge.log"
     argv = [sys.executable, "-m", "bridge", "catch-up", "-c", str(run_dir / "bridge.yaml")]
     with log.open("wb") as out:
-        started = time.monotonic()
+        started, wall_clock = time.monotonic(), time.time()
         process = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
         with TreeMemory(process.pid) as memory:
             status = process.wait()
@@ -411,7 +444,15 @@ def bridge(
     if status != 0:
         raise SystemExit(f"bridge exited with {status}; see {log}:\n{log.read_text()[-2000:]}")
     _check_target(target, count, label)
-    report = [line for line in log.read_text().splitlines() if line.startswith("catch-up:")]
+    lines = log.read_text().splitlines()
+    report = [line for line in lines if line.startswith("catch-up:")]
+    # The log's timestamps (local time, to the millisecond) of each instance converted.
+    done = [
+        datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        for line in lines
+        if " converted from " in line
+    ]
+    steady = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
     return Result(
         label,
         count,
@@ -420,11 +461,26 @@ def bridge(
         peak_pss_mb=memory.peak_pss / MB,
         processes=memory.max_processes,
         note=f"catch-up, {workers or os.cpu_count()} workers, wall time incl. start-up",
-        extra={"report": report[-1] if report else "", "cpu_s": {"bridge": memory.cpu}},
+        extra={
+            "report": report[-1] if report else "",
+            "cpu_s": {"bridge": memory.cpu},
+            "first_converted_after_s": done[0] - wall_clock if done else None,
+            "steady_instances_per_s": steady,
+        },
     )
 
 
 # --- the run -----------------------------------------------------------------------------------
+
+
+def orthanc_id(data: bytes) -> str:
+    """The Orthanc ID of a DICOM file."""
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    return instance_id(
+        str(ds.PatientID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), ds.SOPInstanceUID
+    )
 
 
 def _since(started: float) -> float:
@@ -477,8 +533,14 @@ def _best(runs: list[Result]) -> Result:
 
 def _progress(name: str, result: Result) -> None:
     spent = ", ".join(f"{key} {value:.1f}" for key, value in result.extra.get("cpu_s", {}).items())
+    steady = ""
+    if result.extra.get("steady_instances_per_s"):
+        steady = (
+            f"; first instance done after {result.extra['first_converted_after_s']:.2f} s, "
+            f"then {result.extra['steady_instances_per_s']:.1f}/s"
+        )
     print(
-        f"  {name}: {result.rate:.1f} instances/s ({result.seconds:.1f} s; CPU s: {spent})",
+        f"  {name}: {result.rate:.1f} instances/s ({result.seconds:.1f} s; CPU s: {spent}{steady})",
         flush=True,
     )
 
@@ -492,7 +554,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run each variant this many times, keep the best"
     )
-    parser.add_argument("--only", default="naive,copy,decode,bridge", help="variants to run")
+    parser.add_argument(
+        "--only", default="naive,copy,decode,copy-decoded,bridge", help="variants to run"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument(
         "--cache",
@@ -556,12 +620,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                         args.repeat,
                     )
                 )
+            decoded: list[bytes] = []
             if "decode" in variants:
                 runs = []
                 for _ in range(args.repeat):
-                    runs.append(decode(files[: args.count], workers))
+                    decoded.clear()
+                    runs.append(decode(files[: args.count], workers, decoded))
                     _progress("decode", runs[-1])
                 results.append(_best(runs))
+            if "copy-decoded" in variants:
+                if not decoded:
+                    decode(files[: args.count], workers, decoded)
+                uploads = dict(zip(map(orthanc_id, files[: args.count]), decoded, strict=True))
+                results.append(
+                    _measure(
+                        servers,
+                        "copy (decoded upload)",
+                        lambda t: copy(servers.source, t, ids, uploads),
+                        args.count,
+                        args.repeat,
+                    )
+                )
+                del uploads
+            decoded.clear()
             if "bridge" in variants:
                 results.append(
                     _measure(
@@ -604,6 +685,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "bridge" in by_name:
             summary["bridge_over_limit"] = by_name["bridge"].rate / limit
             print(f"bridge / limit = {summary['bridge_over_limit']:.2f}")
+    if {"copy (decoded upload)", "decode"} <= by_name.keys():
+        same = 1 / (1 / by_name["copy (decoded upload)"].rate + 1 / by_name["decode"].rate)
+        summary["limit_decoded_upload_instances_per_s"] = same
+        print(
+            f"limit with the bridge's own traffic = 1 / (1/copy (decoded upload) + 1/decode) "
+            f"= {same:.1f} instances/s"
+        )
+        if "bridge" in by_name:
+            summary["bridge_over_limit_decoded_upload"] = by_name["bridge"].rate / same
+            print(f"bridge / that limit = {summary['bridge_over_limit_decoded_upload']:.2f}")
     if {"naive", "bridge"} <= by_name.keys():
         summary["bridge_over_naive"] = by_name["bridge"].rate / by_name["naive"].rate
         print(f"bridge / naive = {summary['bridge_over_naive']:.2f}")
