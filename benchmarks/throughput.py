@@ -348,9 +348,13 @@ class TreeMemory:
         self._thread.join()
 
     def _run(self) -> None:
+        samples = 0
+        tree: list[int] = []
         while not self._stop.is_set():
             rss = pss = 0
-            tree = _descendants(self.pid)
+            if samples % 5 == 0:
+                tree = _descendants(self.pid)  # walks all of /proc: not every sample
+            samples += 1
             for pid in tree:
                 self._cpu[pid] = max(self._cpu.get(pid, 0.0), cpu_seconds(pid))
                 usage = _smaps_rollup(pid)
