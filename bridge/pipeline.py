@@ -16,14 +16,14 @@ from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bridge import feed
 from bridge.budget import ByteBudget
 from bridge.config import MIB, Config
 from bridge.errors import DecodeError, FeedResetError, Interrupted, TransientError
 from bridge.orthanc import OrthancClient
-from bridge.state import FAILED, PROBLEMS, Entry, State
+from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.transcode import Transcoded, TranscodeOptions, transcode
 from bridge.transfer import Transfer
 
@@ -130,7 +130,7 @@ class Pipeline:
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
         self._transfer = Transfer(
-            source, target, self._decode, config.delete_original, stop, self._budget
+            source, target, self._decode, config.delete_original, stop, self._budget, state.record
         )
         self._progress = Progress(state)
 
@@ -138,6 +138,7 @@ class Pipeline:
 
     def follow(self, forever: bool) -> Summary:
         """Process the change log from the saved cursor; to its end, or until stopped."""
+        self._settle_deletions()
         while not self.stop.is_set():
             try:
                 self._follow_once(forever)
@@ -160,6 +161,17 @@ class Pipeline:
                 self.stop.set()
         self._drain()
         return self.summary
+
+    def _settle_deletions(self) -> None:
+        """Complete the ledger of originals whose deletion was cut short by a crash.
+
+        Such an instance was verified in the target before the deletion began. If the original
+        is gone, its change row went with it: only the ledger remembers it, so finish it here.
+        If it is still there, the cursor is below its change and the feed redoes it.
+        """
+        for entry in self.state.entries((DELETING,)):
+            if self.source.transfer_syntax(entry.instance_id) is None:
+                self.state.record(replace(entry, state=CONVERTED, deleted_original=True))
 
     def process(self, instance_ids: Iterable[str]) -> Summary:
         """Process instances by ID, outside the change log (for `retry` and `reconcile`)."""

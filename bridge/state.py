@@ -25,6 +25,7 @@ FAILED = "failed"  # permanent error: kept in the source, reason recorded
 UNSUPPORTED = "unsupported"  # cannot become native pixels: kept in the source
 VANISHED = "vanished"  # deleted from the source before the bridge got to it
 PENDING = "pending"  # re-queued by `retry`
+DELETING = "deleting"  # verified in the target; deleting the original was under way
 FINISHED = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED)
 PROBLEMS = (FAILED, UNSUPPORTED)
 
@@ -148,7 +149,8 @@ class State:
                    ON CONFLICT (instance_id) DO UPDATE SET
                        seq = coalesce(excluded.seq, seq), state = excluded.state,
                        source_syntax = coalesce(excluded.source_syntax, source_syntax),
-                       attempts = attempts + 1, error = excluded.error,
+                       -- finishing a deletion is the same attempt, not another one
+                       attempts = attempts + (state != 'deleting'), error = excluded.error,
                        updated = excluded.updated, seconds = excluded.seconds,
                        deleted_original = excluded.deleted_original""",
                 (

@@ -24,7 +24,15 @@ from bridge.errors import (
 )
 from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient
-from bridge.state import CONVERTED, FAILED, FORWARDED, UNSUPPORTED, VANISHED, Entry
+from bridge.state import (
+    CONVERTED,
+    DELETING,
+    FAILED,
+    FORWARDED,
+    UNSUPPORTED,
+    VANISHED,
+    Entry,
+)
 from bridge.transcode import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,8 @@ class Transfer:
     delete_original: bool
     stop: threading.Event
     budget: ByteBudget
+    # Writes a ledger entry at once; used to note a verified copy before deleting the original.
+    record: Callable[[Entry], None]
 
     def run(self, item: NewInstance) -> Entry:
         """Move one instance; permanent problems come back as a FAILED/UNSUPPORTED entry.
@@ -77,8 +87,12 @@ class Transfer:
                 reason = _one_line(exc)
                 log.error("instance %s: kept in the source, failed: %s", iid, reason)
                 return Entry(iid, item.seq, FAILED, syntax, reason, _since(started))
+        del result  # the target holds it now
         deleted = False
         if self.delete_original and expected == EXPLICIT_VR_LITTLE_ENDIAN:
+            # Deleting the original also deletes its change row: if the bridge dies right
+            # after, nothing would ever bring the instance back to the ledger. Note it first.
+            self.record(Entry(iid, item.seq, DELETING, syntax, None, _since(started)))
             self.source.delete(iid)
             deleted = True
         state = FORWARDED if expected != EXPLICIT_VR_LITTLE_ENDIAN else CONVERTED
@@ -87,11 +101,11 @@ class Transfer:
             "instance %s: %s from %s in %.0f ms%s",
             iid,
             state,
-            result.source_syntax,
+            syntax,
             seconds * 1000,
             ", original deleted" if deleted else "",
         )
-        return Entry(iid, item.seq, state, result.source_syntax, None, seconds, deleted)
+        return Entry(iid, item.seq, state, syntax, None, seconds, deleted)
 
     def _store(self, iid: str, result: Transcoded, expected: str) -> None:
         stored = self.target.upload(result.data)
