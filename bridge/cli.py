@@ -215,7 +215,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     try:
         cursor = state.cursor()
         counts = state.counts()
-        problems = state.entries(PROBLEMS, limit=50)
+        problems = state.entries((*PROBLEMS, PENDING), limit=50)
     finally:
         state.close()
     source, target = _clients(config, no_retry())
