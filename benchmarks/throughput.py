@@ -54,8 +54,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bridge.decoding import TranscodeOptions  # noqa: E402
 from bridge.orthanc import instance_id  # noqa: E402
-from bridge.transcode import TranscodeOptions, transcode  # noqa: E402
+from bridge.transcode import transcode  # noqa: E402
 from tests.orthanc import OrthancServer  # noqa: E402
 
 SIZE = 512

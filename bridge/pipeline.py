@@ -9,22 +9,18 @@ below the lowest change still in flight, so a crash at any moment redoes only un
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from bridge import feed
 from bridge.budget import ByteBudget
 from bridge.config import MIB, Config
-from bridge.errors import DecodeError, FeedResetError, Interrupted, TransientError
+from bridge.decoding import DecoderPool, TranscodeOptions
+from bridge.errors import FeedResetError, Interrupted, TransientError
 from bridge.orthanc import OrthancClient
 from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
-from bridge.transcode import Transcoded, TranscodeOptions, transcode
 from bridge.transfer import Transfer
 
 log = logging.getLogger(__name__)
@@ -118,8 +114,7 @@ class Pipeline:
             forward_unchanged=config.forward_unchanged,
         )
         self._budget = ByteBudget(config.max_inflight_mb * MIB, stop)
-        self._pool_lock = threading.Lock()
-        self._pool = self._new_pool()
+        self._decoder = DecoderPool(workers, self._options, stop)
         # Enough threads that every decoding process has the next instance downloaded and
         # the previous one uploading.
         threads = workers * 2 + 2
@@ -130,7 +125,13 @@ class Pipeline:
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
         self._transfer = Transfer(
-            source, target, self._decode, config.delete_original, stop, self._budget, state.record
+            source,
+            target,
+            self._decoder.decode,
+            config.delete_original,
+            stop,
+            self._budget,
+            state.record,
         )
         self._progress = Progress(state)
 
@@ -185,7 +186,7 @@ class Pipeline:
     def close(self) -> None:
         """Stop the worker processes and threads, without waiting for abandoned decodes."""
         self._threads.shutdown(wait=True, cancel_futures=True)
-        _terminate(self._pool)
+        self._decoder.close()
 
     # --- internals ------------------------------------------------------------------------
 
@@ -257,57 +258,3 @@ class Pipeline:
             for future in pending:
                 future.result()
         self.summary.peak_inflight_bytes = max(self.summary.peak_inflight_bytes, self._budget.peak)
-
-    # --- decoding in worker processes -----------------------------------------------------
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # forkserver: the workers must not inherit this process's threads and sockets. The
-        # server imports the decoders once and every worker is forked ready to decode, rather
-        # than each importing pydicom and the codecs itself (~0.35 s of CPU per process).
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["bridge.transcode"])
-        return ProcessPoolExecutor(
-            self.config.worker_count, mp_context=context, initializer=_ignore_interrupts
-        )
-
-    def _decode(self, data: bytes) -> Transcoded:
-        """Transcode in a worker process; survive a worker that crashed or was killed."""
-        for _attempt in range(2):
-            pool = self._pool
-            try:
-                future = pool.submit(transcode, data, self._options)
-                return self._wait(future)
-            except BrokenProcessPool:
-                if self.stop.is_set():
-                    raise Interrupted("shutting down") from None
-                # Another instance may have been the culprit: replace the pool, try once more.
-                with self._pool_lock:
-                    if self._pool is pool:
-                        log.warning("a decoding process died; starting new ones")
-                        self._pool = self._new_pool()
-                        _terminate(pool)
-        raise DecodeError("the decoding process died twice on this instance (crash or memory)")
-
-    def _wait(self, future: Future[Transcoded]) -> Transcoded:
-        while True:
-            try:
-                return future.result(timeout=0.2)
-            except FutureTimeout:
-                if self.stop.is_set():
-                    future.cancel()
-                    raise Interrupted("shutting down") from None
-
-
-def _ignore_interrupts() -> None:
-    """In decoding processes: Ctrl-C reaches the whole process group, but only the parent
-    decides how to stop; it terminates the workers itself."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """Shut a pool down at once, killing decodes still running (they are redone on restart)."""
-    processes = list(getattr(pool, "_processes", {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        if process.is_alive():
-            process.terminate()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import pydicom
@@ -28,6 +27,7 @@ from bridge.codecs import (
     missing_decoder_hint,
     split_frames,
 )
+from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded, TranscodeOptions
 from bridge.dicomfile import (
     PIXEL_DATA,
     Parsed,
@@ -41,8 +41,6 @@ from bridge.dicomfile import (
 from bridge.errors import BridgeError, DecodeError, TooLarge, UnsupportedSyntax
 from bridge.lossy import lossy_method
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-
 _NATIVE_SOURCES = {
     uid.ImplicitVRLittleEndian,
     uid.ExplicitVRBigEndian,
@@ -53,24 +51,6 @@ _ICON_IMAGE_SEQUENCE = 0x00880200
 # Guards against absurd headers, independent of the configured size limit.
 _MAX_FRAMES = 2**31 - 1
 _MAX_SAMPLES = 4
-
-
-@dataclass(frozen=True)
-class TranscodeOptions:
-    """Limits and pass-through rules for one transcoding call."""
-
-    max_decoded_bytes: int = 2 * 1024**3  # refuse bigger instances before allocating
-    forward_unchanged: frozenset[str] = frozenset()  # undecodable syntaxes to pass through as-is
-
-
-@dataclass(frozen=True)
-class Transcoded:
-    """The result of transcoding one instance."""
-
-    data: bytes | bytearray  # a complete DICOM Part-10 file
-    source_syntax: str  # transfer syntax UID of the input
-    sop_instance_uid: str
-    forwarded: bool  # True when `data` is the input unchanged (already EVRLE, or forward_unchanged)
 
 
 class _Context:
@@ -93,7 +73,7 @@ class _Context:
         return f"{reason} [SOP Instance UID {sop}, {syntax}]"
 
 
-def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:
+def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:  # noqa: B008
     """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID."""
     context = _Context()
     # An element the sender wrote with VR UN is kept as UN, byte for byte, as DCMTK does:

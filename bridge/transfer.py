@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from bridge.budget import ByteBudget
+from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 from bridge.errors import (
     Interrupted,
     NotFound,
@@ -33,7 +34,6 @@ from bridge.state import (
     VANISHED,
     Entry,
 )
-from bridge.transcode import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels.processing import convert_color_space
 
+from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeOptions
 from bridge.errors import DecodeError, TooLarge, UnsupportedSyntax
-from bridge.transcode import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeOptions, transcode
+from bridge.transcode import transcode
 from tests.transcode_support import (
     assert_same_elements,
     bundled,
