@@ -33,7 +33,7 @@ EXIT_OK = 0
 EXIT_NOT_ALL_CONVERTED = 1  # catch-up/retry/reconcile: some instance was not delivered
 EXIT_CONFIG = 2  # bad command line or configuration
 EXIT_STATE = 3  # state directory unusable, or another bridge holds it
-EXIT_UNREACHABLE = 4  # status: a server did not answer
+EXIT_SERVER = 4  # a server did not answer (status) or refused the credentials
 EXIT_SOURCE_RESET = 5  # the source's change log went backwards and the policy is "stop"
 EXIT_FORCED = 130  # a second signal: left at once
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_STATE
     except BridgeError as exc:
         _fail(str(exc))
-        return EXIT_UNREACHABLE
+        return EXIT_SERVER
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     summary = _with_pipeline(config, True, lambda p, s, t: p.follow(forever=True))
     if summary.stopped_by:
         _fail(summary.stopped_by)
-        return EXIT_SOURCE_RESET
+        return EXIT_SOURCE_RESET if summary.source_reset else EXIT_SERVER
     log.info("stopped; cursor saved")
     return EXIT_OK
 
@@ -203,7 +203,7 @@ def _report(what: str, summary: Summary, seconds: float) -> int:
         print(f"  not finished {iid}: {reason}")
     if summary.stopped_by:
         print(f"  stopped: {summary.stopped_by}")
-    if summary.stopped_by and "reset" in summary.stopped_by:
+    if summary.source_reset:
         return EXIT_SOURCE_RESET
     return EXIT_OK if summary.ok else EXIT_NOT_ALL_CONVERTED
 
@@ -241,7 +241,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         print(json.dumps(report, indent=2))
     else:
         _print_status(report)
-    return EXIT_UNREACHABLE if unreachable else EXIT_OK
+    return EXIT_SERVER if unreachable else EXIT_OK
 
 
 def _print_status(report: dict[str, object]) -> None:

@@ -17,6 +17,10 @@ class StateError(BridgeError):
     """Raised when the state directory cannot be opened or written."""
 
 
+class AccessDenied(BridgeError):
+    """Raised when a server refuses the configured credentials (401/403): fatal, fix the config."""
+
+
 class FeedResetError(BridgeError):
     """Raised when the source's change log ends below the saved cursor (database reset)."""
 

@@ -15,7 +15,7 @@ from typing import Any
 import requests
 
 from bridge.config import ServerConfig
-from bridge.errors import NotFound, Rejected, ServerUnavailable
+from bridge.errors import AccessDenied, NotFound, Rejected, ServerUnavailable
 from bridge.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class OrthancClient:
         if response.status_code == 404:
             raise NotFound(f"{label}: not found (HTTP 404){detail}")
         if response.status_code in (401, 403):
-            raise Rejected(
+            raise AccessDenied(
                 f"{label}: HTTP {response.status_code}, check {self.role}.username and password"
             )
         raise Rejected(f"{label}: HTTP {response.status_code}{detail}")

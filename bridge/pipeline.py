@@ -18,7 +18,7 @@ from bridge import feed
 from bridge.budget import ByteBudget
 from bridge.config import MIB, Config
 from bridge.decoding import DecoderPool, TranscodeOptions
-from bridge.errors import FeedResetError, Interrupted, TransientError
+from bridge.errors import AccessDenied, FeedResetError, Interrupted, TransientError
 from bridge.orthanc import OrthancClient
 from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.transfer import Transfer
@@ -34,6 +34,7 @@ class Summary:
     problems: list[Entry] = field(default_factory=list)
     unfinished: dict[str, str] = field(default_factory=dict)
     stopped_by: str | None = None
+    source_reset: bool = False
     peak_inflight_bytes: int = 0
 
     def add(self, entry: Entry) -> None:
@@ -147,6 +148,7 @@ class Pipeline:
             except FeedResetError as exc:
                 if self.config.on_source_reset != "rewind":
                     self._drain()
+                    self.summary.source_reset = True
                     self.summary.stopped_by = (
                         f"{exc}. Nothing was skipped. To process the new database from its "
                         "start set on_source_reset: rewind (instances the target already holds "
@@ -156,10 +158,8 @@ class Pipeline:
                 log.warning("%s; on_source_reset is rewind: starting again from 0", exc)
                 self._drain()
                 self._progress.rewind()
-            except TransientError as exc:
-                # Only catch-up gives up on a server; `run` retries without limit.
-                self.summary.stopped_by = f"gave up waiting for a server: {exc}"
-                self.stop.set()
+            except (TransientError, AccessDenied) as exc:
+                self._give_up(exc)
         self._drain()
         return self.summary
 
@@ -232,11 +232,11 @@ class Pipeline:
             entry = self._transfer.run(item)
         except Interrupted:
             return  # stays in flight: the cursor stays below it and a restart redoes it
-        except TransientError as exc:
+        except (TransientError, AccessDenied) as exc:
             if not self.stop.is_set():
                 self.summary.unfinished[iid] = str(exc)
-                log.error("instance %s: not transferred, will be retried: %s", iid, exc)
-                self.stop.set()
+                log.error("instance %s: not transferred, will be redone: %s", iid, exc)
+                self._give_up(exc)
             return
         except Exception as exc:
             # A bug, not a bad file: keep the original, record why, keep the daemon going.
@@ -247,6 +247,15 @@ class Pipeline:
         else:
             self.state.record(entry)
         self.summary.add(entry)
+
+    def _give_up(self, exc: TransientError | AccessDenied) -> None:
+        """Stop everything: a server stayed down past the retry bound, or refuses us."""
+        if isinstance(exc, TransientError):
+            # Only catch-up, retry and reconcile give up on a server; `run` retries for ever.
+            self.summary.stopped_by = f"gave up waiting for a server: {exc}"
+        else:
+            self.summary.stopped_by = str(exc)
+        self.stop.set()
 
     def _drain(self) -> None:
         """Wait for every dispatched instance to finish or be abandoned."""

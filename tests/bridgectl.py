@@ -53,12 +53,13 @@ def run(
     target: OrthancServer,
     *args: str,
     timeout: float = 120,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run one bridge command to completion and capture what it printed."""
     return subprocess.run(
         [sys.executable, "-m", "bridge", command, "-c", str(config), *args],
         cwd=REPO,
-        env=env(source, target),
+        env=env(source, target) | (extra_env or {}),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -207,6 +207,27 @@ def test_daemon_follows_new_instances_and_stops_cleanly_on_sigterm(
     assert sorted(target.instances()) == sorted(source.instances())
 
 
+@pytest.mark.parametrize("command", ["run", "catch-up"])
+def test_refused_credentials_stop_the_bridge_and_fail_nothing(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path, command: str
+) -> None:
+    """A wrong password is a configuration error: nothing is recorded as failed or deleted."""
+    iid = str(source.upload(pydicom_test_files() / "693_J2KI.dcm")["ID"])
+    config = bridgectl.write_config(tmp_path, source, target, delete_original=True)
+    wrong = {"BRIDGE_TARGET_PASSWORD": "not-the-password"}
+    result = bridgectl.run(command, config, source, target, extra_env=wrong)
+    assert result.returncode == (4 if command == "run" else 1), result.stdout + result.stderr
+    assert "HTTP 401, check target.username and password" in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert source.instances() == [iid]
+    assert (
+        json.loads(bridgectl.run("status", config, source, target, "--json").stdout)["counts"] == {}
+    )
+    # With the right password the same instance goes through.
+    assert bridgectl.run("catch-up", config, source, target).returncode == 0
+    assert target.instances() == [iid] and source.instances() == []
+
+
 @pytest.mark.parametrize(
     ("setup", "message", "code"),
     [

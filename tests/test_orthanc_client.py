@@ -9,7 +9,7 @@ import pytest
 
 from bridge import feed
 from bridge.config import ServerConfig
-from bridge.errors import FeedResetError, NotFound, Rejected, ServerUnavailable
+from bridge.errors import AccessDenied, FeedResetError, NotFound, Rejected, ServerUnavailable
 from bridge.orthanc import ChangesPage, OrthancClient, instance_id
 from bridge.retry import RetryPolicy, no_retry
 from tests.orthanc import OrthancServer, free_ports, pydicom_test_files
@@ -50,7 +50,7 @@ def test_changes_download_upload_and_delete(source: OrthancServer) -> None:
 
 
 def test_failures_are_translated(source: OrthancServer) -> None:
-    with pytest.raises(Rejected, match=r"HTTP 401, check source\.username and password"):
+    with pytest.raises(AccessDenied, match=r"HTTP 401, check source\.username and password"):
         client(source, password="wrong").last_change()
     with pytest.raises(Rejected, match="HTTP 400"):
         client(source).upload(b"not dicom at all")
