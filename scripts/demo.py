@@ -25,7 +25,7 @@ from pydicom.uid import UID  # noqa: E402
 from tests.orthanc import OrthancServer, StoreSCP, pydicom_test_files, stop_all  # noqa: E402
 
 SAMPLES = [
-    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
     "693_J2KI.dcm",
     "GDCMJ2K_TextGBR.dcm",
     "JPGExtended.dcm",
