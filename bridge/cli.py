@@ -196,7 +196,9 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
 def _report(what: str, summary: Summary, seconds: float) -> int:
     done = sum(summary.counts.values())
     counts = ", ".join(f"{n} {state}" for state, n in sorted(summary.counts.items())) or "nothing"
-    print(f"{what}: {counts} in {seconds:.1f} s ({done / seconds if seconds else 0:.1f}/s)")
+    rate = done / seconds if seconds else 0.0
+    peak = summary.peak_inflight_bytes / 1024**2
+    print(f"{what}: {counts} in {seconds:.1f} s ({rate:.1f}/s, at most {peak:.0f} MiB in flight)")
     for entry in summary.problems:
         print(f"  {entry.state} {entry.instance_id}: {entry.error}")
     for iid, reason in summary.unfinished.items():

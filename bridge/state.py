@@ -209,10 +209,6 @@ class State:
             )
         return [str(row[0]) for row in rows]
 
-    def known(self) -> set[str]:
-        """Every instance ID the ledger has an entry for."""
-        return {str(row[0]) for row in self._query("SELECT instance_id FROM instances")}
-
 
 _COLUMNS = (
     "instance_id, seq, state, source_syntax, error, seconds, deleted_original, updated, attempts"
