@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -15,6 +14,7 @@ from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, pydicom_test_files
 from tests.polling import wait_for
+from tests.transcode_support import reference_pixels
 
 # One file per transfer syntax, chosen so that no two share an Orthanc ID (several of pydicom's
 # files are the same instance in different syntaxes). name -> lossless?
@@ -39,22 +39,16 @@ def upload_samples(source: OrthancServer) -> dict[str, str]:
     return {str(source.upload(pydicom_test_files() / name)["ID"]): name for name in SAMPLES}
 
 
-def reference_pixels(path: Path, workdir: Path) -> bytes:
-    """Pixel data of `path` as decoded by DCMTK or GDCM, not by anything the bridge uses."""
+def reference_tool(path: Path) -> str:
+    """The DCMTK or GDCM command that decodes `path`, independently of the bridge's decoders."""
     syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-    out = workdir / f"{path.stem}.ref.dcm"
     if syntax.startswith("1.2.840.10008.1.2.4.9"):  # JPEG 2000: DCMTK has no decoder
-        command = ["gdcmconv", "--raw", str(path), str(out)]
-    elif syntax.startswith("1.2.840.10008.1.2.4.8"):
-        command = ["dcmdjpls", str(path), str(out)]
-    elif syntax.startswith("1.2.840.10008.1.2.4."):
-        command = ["dcmdjpeg", str(path), str(out)]
-    elif syntax == "1.2.840.10008.1.2.5":
-        command = ["dcmdrle", str(path), str(out)]
-    else:
-        command = ["dcmconv", "+te", str(path), str(out)]
-    subprocess.run(command, check=True, capture_output=True)
-    return bytes(pydicom.dcmread(out).PixelData)
+        return "gdcmconv"
+    if syntax.startswith("1.2.840.10008.1.2.4.8"):
+        return "dcmdjpls"
+    if syntax.startswith("1.2.840.10008.1.2.4."):
+        return "dcmdjpeg"
+    return "dcmdrle" if syntax == "1.2.840.10008.1.2.5" else "dcmconv"
 
 
 def test_catch_up_converts_every_syntax_keeps_uids_and_pixels(
@@ -75,7 +69,8 @@ def test_catch_up_converts_every_syntax_keeps_uids_and_pixels(
             assert converted[uid].value == original[uid].value, (name, uid)
         assert converted.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID, name
         if SAMPLES[name]:
-            expected = reference_pixels(pydicom_test_files() / name, tmp_path)
+            path = pydicom_test_files() / name
+            expected = bytes(reference_pixels(reference_tool(path), path, tmp_path).PixelData)
             assert bytes(converted.PixelData) == expected, f"{name}: pixels differ"
 
     # A second catch-up right after the first finds nothing to do.
