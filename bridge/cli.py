@@ -129,9 +129,10 @@ def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, Orthanc
     )
 
 
-def _with_pipeline(
-    config: Config, forever: bool, work: Callable[[Pipeline, OrthancClient, OrthancClient], Summary]
-) -> Summary:
+Work = Callable[[Pipeline, OrthancClient, OrthancClient], Summary]
+
+
+def _with_pipeline(config: Config, forever: bool, work: Work) -> Summary:
     stop = threading.Event()
     retry = RetryPolicy(stop, max_wait=None if forever else config.catch_up_retry_seconds)
     source, target = _clients(config, retry)
@@ -155,7 +156,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         config.target.url,
         config.worker_count,
     )
-    summary = _with_pipeline(config, True, lambda p, s, t: p.follow(forever=True))
+    summary = _with_pipeline(config, True, lambda pipeline, _s, _t: pipeline.follow(forever=True))
     if summary.stopped_by:
         _fail(summary.stopped_by)
         return EXIT_SOURCE_RESET if summary.source_reset else EXIT_SERVER
@@ -163,15 +164,18 @@ def _run(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def _catch_up(args: argparse.Namespace, config: Config) -> int:
+def _one_shot(what: str, config: Config, work: Work) -> int:
+    """Run `work` once, with bounded retries, then print its summary and choose the exit code."""
     started = time.monotonic()
-    summary = _with_pipeline(config, False, lambda p, s, t: p.follow(forever=False))
-    return _report("catch-up", summary, time.monotonic() - started)
+    summary = _with_pipeline(config, False, work)
+    return _report(what, summary, time.monotonic() - started)
+
+
+def _catch_up(args: argparse.Namespace, config: Config) -> int:
+    return _one_shot("catch-up", config, lambda pipeline, _s, _t: pipeline.follow(forever=False))
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    started = time.monotonic()
-
     def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
         # PENDING too: a retry that was killed or gave up on a server left its instances
         # pending; without this, no later retry would ever pick them up again.
@@ -179,18 +183,16 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
         log.info("retrying %d instances", len(ids))
         return pipeline.process(ids)
 
-    return _report("retry", _with_pipeline(config, False, work), time.monotonic() - started)
+    return _one_shot("retry", config, work)
 
 
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
-    started = time.monotonic()
-
     def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
         missing = sorted(set(source.instance_ids()) - set(target.instance_ids()))
         log.info("the target lacks %d of the source's instances", len(missing))
         return pipeline.process(missing)
 
-    return _report("reconcile", _with_pipeline(config, False, work), time.monotonic() - started)
+    return _one_shot("reconcile", config, work)
 
 
 def _report(what: str, summary: Summary, seconds: float) -> int:

@@ -107,6 +107,11 @@ def variants(filename: str, count: int) -> list[bytes]:
     return copies
 
 
+def upload_variants(server: OrthancServer, filename: str, count: int) -> set[str]:
+    """Upload `count` new instances made from a pydicom test file; return their Orthanc IDs."""
+    return {str(server.upload(data)["ID"]) for data in variants(filename, count)}
+
+
 def wait_for_count(server: OrthancServer, count: int, timeout: float = 60) -> list[str]:
     """Poll until `server` holds `count` instances; return their IDs."""
     return wait_for(

@@ -155,9 +155,7 @@ def truncated_j2k() -> bytes:
 def test_resume_after_kill_loses_nothing_and_redoes_little(
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
-    copies = bridgectl.variants("693_J2KI.dcm", 60)
-    for data in copies:
-        source.upload(data)
+    copies = bridgectl.upload_variants(source, "693_J2KI.dcm", 60)
     config = bridgectl.write_config(tmp_path, source, target)
     log = tmp_path / "bridge.log"
 
@@ -183,15 +181,12 @@ def test_daemon_follows_new_instances_and_stops_cleanly_on_sigterm(
     log = tmp_path / "bridge.log"
     daemon = bridgectl.start("run", config, source, target, log)
     try:
-        for data in bridgectl.variants("MR_small_jp2klossless.dcm", 5):
-            source.upload(data)
+        bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 5)
         bridgectl.wait_for_count(target, 5)
-        for data in bridgectl.variants("SC_rgb_rle.dcm", 5):
-            source.upload(data)
+        bridgectl.upload_variants(source, "SC_rgb_rle.dcm", 5)
         bridgectl.wait_for_count(target, 10)
         # Work in flight at the signal is finished or abandoned; either way it exits 0.
-        for data in bridgectl.variants("693_J2KI.dcm", 10):
-            source.upload(data)
+        bridgectl.upload_variants(source, "693_J2KI.dcm", 10)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=10) == 0, log.read_text()
     finally:

@@ -408,15 +408,14 @@ def replace_database(server: OrthancServer) -> None:
 def test_source_reset_stops_by_default_and_rewinds_when_asked(
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
-    for data in bridgectl.variants("MR_small_jp2klossless.dcm", 10):
-        source.upload(data)
+    bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 10)
     config = bridgectl.write_config(tmp_path, source, target)
     assert bridgectl.run("catch-up", config, source, target).returncode == 0
     cursor = status(config, source, target)["cursor"]
     before = set(target.instances())
 
     replace_database(source)
-    fresh = {str(source.upload(data)["ID"]) for data in bridgectl.variants("SC_rgb_rle.dcm", 2)}
+    fresh = bridgectl.upload_variants(source, "SC_rgb_rle.dcm", 2)
     assert source.changes_last() < cursor, "the new log must end below the cursor"
 
     for command in ("catch-up", "run"):
@@ -441,10 +440,7 @@ def test_source_reset_stops_by_default_and_rewinds_when_asked(
 def test_reconcile_converts_instances_missing_from_the_change_log(
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
-    uploaded = {
-        str(source.upload(data)["ID"])
-        for data in bridgectl.variants("MR_small_jp2klossless.dcm", 6)
-    }
+    uploaded = bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 6)
     last = source.changes_last()
     source.request("DELETE", "/changes").raise_for_status()
     # NOTES.md: DELETE /changes empties the log but the sequence continues.
