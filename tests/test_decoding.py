@@ -1,0 +1,160 @@
+"""The decoding processes: results and errors cross the pipes, a dead worker costs one retry."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from pydicom import uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+
+from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
+from bridge.errors import DecodeError, Interrupted
+from bridge.transcode import transcode
+from tests.polling import wait_for
+
+FRAMES = 40  # over a second of decoding: time to kill the worker in the middle
+
+
+def j2k_instance(frames: int) -> bytes:
+    """A JPEG 2000 lossless instance of `frames` 512x512 16-bit noise frames."""
+    from openjpeg.utils import encode_array
+
+    pixels = np.random.default_rng(0).integers(0, 4096, (512, 512), dtype="<u2")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.JPEG2000Lossless
+    ds.file_meta.MediaStorageSOPClassUID = uid.UID("1.2.840.10008.5.1.4.1.1.7")
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid.generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    frame = encode_array(pixels, bits_stored=12, photometric_interpretation=2)
+    ds.PixelData = encapsulate([frame] * frames)
+    ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def small() -> bytes:
+    return j2k_instance(1)
+
+
+@pytest.fixture(scope="module")
+def slow() -> bytes:
+    return j2k_instance(FRAMES)
+
+
+@pytest.fixture
+def stop() -> threading.Event:
+    return threading.Event()
+
+
+@pytest.fixture
+def pool(stop: threading.Event) -> Iterator[DecoderPool]:
+    decoders = DecoderPool(2, TranscodeOptions(), stop)
+    yield decoders
+    decoders.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_worker(pool: DecoderPool, before: dict[int, float], dead: Sequence[int] = ()) -> int:
+    """Wait until a worker has used 0.2 s more CPU than in `before`: the one decoding."""
+
+    def busy() -> int | None:
+        for pid in pool.pids():
+            if pid not in dead and cpu_seconds(pid) - before.get(pid, 0.0) > 0.2:
+                return pid
+        return None
+
+    return wait_for(busy, 30, "a worker to start decoding")
+
+
+def in_background(pool: DecoderPool, data: bytes) -> tuple[ThreadPoolExecutor, Future[Transcoded]]:
+    runner = ThreadPoolExecutor(1)
+    return runner, runner.submit(pool.decode, data)
+
+
+def test_the_workers_return_what_transcode_returns(pool: DecoderPool, small: bytes) -> None:
+    expected = transcode(small, TranscodeOptions())
+    results = [pool.decode(small) for _ in range(3)]
+    for result in results:
+        assert bytes(result.data) == bytes(expected.data)
+        assert result.source_syntax == uid.JPEG2000Lossless
+        assert result.sop_instance_uid == expected.sop_instance_uid
+        assert not result.forwarded
+    assert EXPLICIT_VR_LITTLE_ENDIAN.encode() in bytes(results[0].data[:400])
+
+
+def test_a_bad_file_raises_its_error_and_the_worker_stays(pool: DecoderPool, small: bytes) -> None:
+    pids = set(pool.pids())
+    with pytest.raises(DecodeError):
+        pool.decode(b"not a DICOM file" * 10)
+    assert set(pool.pids()) == pids
+    assert pool.decode(small).source_syntax == uid.JPEG2000Lossless
+
+
+def test_a_killed_worker_costs_its_instance_one_retry(
+    pool: DecoderPool, small: bytes, slow: bytes
+) -> None:
+    before = {pid: cpu_seconds(pid) for pid in pool.pids()}
+    runner, future = in_background(pool, slow)
+    victim = busy_worker(pool, before)
+    # The other worker keeps serving meanwhile.
+    assert pool.decode(small).source_syntax == uid.JPEG2000Lossless
+    os.kill(victim, signal.SIGKILL)
+    result = future.result(timeout=60)
+    runner.shutdown()
+    assert len(result.data) > FRAMES * 512 * 512 * 2
+    pids = pool.pids()
+    assert len(pids) == 2 and victim not in pids
+
+
+def test_a_worker_killed_twice_on_one_instance_fails_it_and_the_pool_recovers(
+    pool: DecoderPool, small: bytes, slow: bytes
+) -> None:
+    runner, future = in_background(pool, slow)
+    killed: list[int] = []
+    for _ in range(2):
+        before = {pid: cpu_seconds(pid) for pid in pool.pids() if pid not in killed}
+        victim = busy_worker(pool, before, dead=killed)
+        killed.append(victim)
+        os.kill(victim, signal.SIGKILL)
+    with pytest.raises(DecodeError, match="died twice"):
+        future.result(timeout=60)
+    runner.shutdown()
+    pids = pool.pids()
+    assert len(pids) == 2 and not set(killed) & set(pids)
+    assert pool.decode(small).source_syntax == uid.JPEG2000Lossless
+
+
+def test_stop_interrupts_a_decode_in_progress(
+    pool: DecoderPool, stop: threading.Event, slow: bytes
+) -> None:
+    before = {pid: cpu_seconds(pid) for pid in pool.pids()}
+    runner, future = in_background(pool, slow)
+    busy_worker(pool, before)
+    stop.set()
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        future.result(timeout=10)
+    assert time.monotonic() - started < 1.0
+    runner.shutdown()
