@@ -1,17 +1,22 @@
 """Throughput of the bridge against the naive loop and against the machine's limits.
 
 Run as `python benchmarks/throughput.py [--count N] [--workers W] [--repeat R] [--grow]
-[--only naive,copy,decode,copy-decoded,bridge] [--json out.json]`.
+[--only naive,naive-gdcm,copy,decode,copy-decoded,bridge] [--json out.json]`.
 
 One corpus of CT-like 512x512 16-bit slices (smooth anatomy plus noise, -1000..2000 HU stored
 with RescaleIntercept -1024), JPEG 2000 lossless, generated once and cached in the temp
 directory. Real Orthanc servers are started on loopback: A is loaded once with the corpus (not
 timed), every variant writes into a fresh, empty B. Measured, on the same corpus:
 
-  naive   one instance at a time: GET /file, pydicom decompress(), save_as, POST (requests)
+  naive   one instance at a time: GET /file, pydicom decompress(), save_as, POST (requests);
+          pydicom decodes with pylibjpeg, the bridge's decoder
+  naive (gdcm)
+          the same with GDCM, which pydicom prefers where python-gdcm is installed: its
+          OpenJPEG decodes each frame with a thread per core, so it is not a one-core loop
   copy    download from A and upload the same compressed bytes to B, with several threads:
           what the two servers can take (no decoding at all)
-  decode  bridge.transcode.transcode in a process pool over the in-memory corpus: the CPU limit
+  decode  the bridge's decoding processes (bridge.decoding.DecoderPool) over the in-memory
+          corpus, kept busy by two threads each: the CPU limit
   copy (decoded upload)
           as copy, but uploading the decoded file of each instance (computed beforehand): the
           servers' limit for the traffic the bridge really makes (3x more bytes to upload)
@@ -32,7 +37,6 @@ import argparse
 import datetime
 import io
 import json
-import multiprocessing
 import os
 import shutil
 import subprocess
@@ -54,9 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bridge.decoding import TranscodeOptions  # noqa: E402
+from bridge.decoding import DecoderPool, TranscodeOptions  # noqa: E402
 from bridge.orthanc import instance_id  # noqa: E402
-from bridge.transcode import transcode  # noqa: E402
 from tests.orthanc import OrthancServer  # noqa: E402
 
 SIZE = 512
@@ -236,8 +239,16 @@ class Result:
         return {**asdict(self), "instances_per_s": self.rate, "decoded_mb_per_s": self.decoded_mb_s}
 
 
-def naive(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> Result:
-    """The loop anyone writes first: one instance at a time, pydicom's decompress()."""
+def naive(
+    source: OrthancServer, target: OrthancServer, ids: Sequence[str], plugin: str = "pylibjpeg"
+) -> Result:
+    """The loop anyone writes first: one instance at a time, pydicom's decompress().
+
+    pydicom decodes with `plugin`: by default pylibjpeg, the bridge's own decoder, so that the
+    two differ only in how the work is arranged. Where python-gdcm is installed (the tests
+    install it), pydicom prefers GDCM, whose OpenJPEG decodes each frame with one thread per
+    core: that is no longer a one-core loop, and is shown as a separate line.
+    """
     import pydicom
 
     session = requests.Session()
@@ -246,17 +257,17 @@ def naive(source: OrthancServer, target: OrthancServer, ids: Sequence[str]) -> R
         response = session.get(f"{source.url}/instances/{iid}/file", timeout=60)
         response.raise_for_status()
         ds = pydicom.dcmread(io.BytesIO(response.content))
-        ds.decompress(generate_instance_uid=False)
+        ds.decompress(generate_instance_uid=False, decoding_plugin=plugin)
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)
         session.post(f"{target.url}/instances", data=out.getvalue(), timeout=60).raise_for_status()
     seconds = _since(started)
     session.close()
     return Result(
-        "naive",
+        "naive" if plugin == "pylibjpeg" else f"naive ({plugin})",
         len(ids),
         seconds,
-        note="sequential: GET, decompress(), save_as, POST",
+        note=f"sequential: GET, decompress() with {plugin}, save_as, POST",
         extra={"cpu_s": {"client": time.process_time() - cpu}},
     )
 
@@ -300,25 +311,28 @@ def copy(
 
 
 def decode(files: Sequence[bytes], workers: int, keep: list[bytes] | None = None) -> Result:
-    """transcode() over the in-memory corpus in a warmed-up process pool: the CPU limit.
+    """The bridge's own decoding processes over the in-memory corpus: the CPU limit.
 
-    The outputs are appended to `keep` when it is given.
+    Fed by two threads per process so that none ever waits for its next file. The outputs
+    are appended to `keep` when it is given.
     """
-    context = multiprocessing.get_context("forkserver")
-    options = TranscodeOptions()
-    with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        # Start the processes and import the codecs before timing.
-        list(pool.map(transcode, files[:workers], [options] * workers))
-        pids = list(getattr(pool, "_processes", {}))
-        cpu = sum(cpu_seconds(pid) for pid in pids)
-        started = time.monotonic()
-        total = 0
-        for result in pool.map(transcode, files, [options] * len(files)):
-            total += len(result.data)
-            if keep is not None:
-                keep.append(bytes(result.data))
-        seconds = _since(started)
-        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu
+    pool = DecoderPool(workers, TranscodeOptions(), threading.Event())
+    try:
+        with ThreadPoolExecutor(workers * 2) as feeders:
+            # Fork the processes and warm them up before timing.
+            list(feeders.map(pool.decode, files[: workers * 2]))
+            pids = pool.pids()
+            cpu = sum(cpu_seconds(pid) for pid in pids)
+            started = time.monotonic()
+            total = 0
+            for result in feeders.map(pool.decode, files):
+                total += len(result.data)
+                if keep is not None:
+                    keep.append(bytes(result.data))
+            seconds = _since(started)
+            cpu = sum(cpu_seconds(pid) for pid in pids) - cpu
+    finally:
+        pool.close()
     return Result(
         "decode",
         len(files),
@@ -560,7 +574,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--repeat", type=int, default=1, help="run each variant this many times, keep the best"
     )
     parser.add_argument(
-        "--only", default="naive,copy,decode,copy-decoded,bridge", help="variants to run"
+        "--only",
+        default="naive,naive-gdcm,copy,decode,copy-decoded,bridge",
+        help="variants to run",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument(
@@ -611,6 +627,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         servers,
                         "naive",
                         lambda t: naive(servers.source, t, ids),
+                        args.count,
+                        args.repeat,
+                    )
+                )
+            if "naive-gdcm" in variants:
+                results.append(
+                    _measure(
+                        servers,
+                        "naive (gdcm)",
+                        lambda t: naive(servers.source, t, ids, "gdcm"),
                         args.count,
                         args.repeat,
                     )

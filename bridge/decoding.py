@@ -5,21 +5,22 @@ also the boundary the instances cross: the types sent to and from the workers li
 that the main process never imports pydicom, numpy or the codecs (about 0.2 s of start-up and
 a hundred MB it does not need); only the forkserver and its workers do.
 
-Each worker owns a pipe and decodes one instance at a time. The files cross it as raw bytes
-(`send_bytes`), never pickled, and a transfer thread talks to the worker it borrowed directly:
-no executor thread, no call queue. A worker that dies (a decoder crash, the kernel's OOM
+Each worker owns a pair of pipes and decodes one instance at a time. The files cross them as
+raw bytes (`send_bytes`), never pickled, and a transfer thread talks to the worker it borrowed
+directly: no executor thread, no call queue. A worker that dies (a decoder crash, the kernel's OOM
 killer) costs only its own instance a second attempt in a new process; the other workers and
 their instances carry on, where a broken process pool would have failed them all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import pickle
-import queue
 import signal
 import threading
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 # How often a waiting thread looks at the stop flag.
 _POLL_SECONDS = 0.2
+# Instances queued in each worker: the one it decodes and the next.
+DEPTH = 2
+_PIPE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,20 @@ class Transcoded:
 class _WorkerDied(Exception):
     """The decoding process ended (crash, out-of-memory kill) before answering.
 
+    `culprit` is True for the instance it was decoding, False for those queued behind it.
     Never leaves this module: DecoderPool.decode turns it into a retry or a DecodeError.
     """
+
+    def __init__(self, culprit: bool) -> None:
+        super().__init__("the decoding process died")
+        self.culprit = culprit
 
 
 # --- inside a worker process -------------------------------------------------------------------
 
 
-def _serve(conn: Connection, options: TranscodeOptions) -> None:
-    """A worker's whole life: decode every file that arrives on `conn` until it closes."""
+def _serve(inbox: Connection, outbox: Connection, options: TranscodeOptions) -> None:
+    """A worker's whole life: decode every file that arrives in `inbox` until it closes."""
     # Ctrl-C reaches the whole process group; only the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Imported here, not at the top: the forkserver preloads it for the workers, and the
@@ -74,19 +83,19 @@ def _serve(conn: Connection, options: TranscodeOptions) -> None:
 
     while True:
         try:
-            data = conn.recv_bytes()
+            data = inbox.recv_bytes()
         except (EOFError, OSError):
             return  # the bridge closed the pipe or is gone
         try:
             result = transcode(data, options)
         except Exception as exc:  # every error goes back to the caller, the worker stays
-            conn.send_bytes(_pickle_error(exc))
+            outbox.send_bytes(_pickle_error(exc))
             continue
         finally:
             del data
         header = (result.source_syntax, result.sop_instance_uid, result.forwarded)
-        conn.send_bytes(pickle.dumps((True, header)))
-        conn.send_bytes(result.data)
+        outbox.send_bytes(pickle.dumps((True, header)))
+        outbox.send_bytes(result.data)
         del result
 
 
@@ -117,43 +126,108 @@ def start_server() -> None:
     multiprocessing.forkserver.ensure_running()
 
 
+def _widen(conn: Connection) -> None:
+    """Give a pipe room for a whole CT slice, so neither side waits for the other to read."""
+    # Linux pipes hold 64 KiB: a worker would wait, idle, until its 0.5 MB answer was read.
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    if set_size is not None:
+        with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
+            fcntl.fcntl(conn.fileno(), set_size, _PIPE_BYTES)
+
+
 class _Worker:
-    """One decoding process and the parent's end of its pipe."""
+    """One decoding process, fed through its own pipes, with up to DEPTH instances queued.
+
+    Instances are answered in the order they were sent: each caller takes a ticket when it
+    sends and reads the answer when its ticket comes up.
+    """
 
     def __init__(self, context: Any, options: TranscodeOptions) -> None:
-        self.conn, child = multiprocessing.Pipe()
+        inbox, self._inbox = multiprocessing.Pipe(duplex=False)
+        self._outbox, outbox = multiprocessing.Pipe(duplex=False)
+        for conn in (inbox, outbox):
+            _widen(conn)
         self.process: BaseProcess = context.Process(
-            target=_serve, args=(child, options), name="bridge-decoder", daemon=True
+            target=_serve, args=(inbox, outbox, options), name="bridge-decoder", daemon=True
         )
         self.process.start()
-        child.close()
+        inbox.close()
+        outbox.close()
+        self._send_lock = threading.Lock()
+        self._turn = threading.Condition()
+        self._sent = self._answered = 0
+        self.broken = False  # died, or its answers are out of step: never used again
+        self.successor: _Worker | None = None
 
     def transcode(self, data: bytes, stop: threading.Event) -> Transcoded:
         try:
-            self.conn.send_bytes(data)
-            while not self.conn.poll(_POLL_SECONDS):
+            with self._send_lock:
+                if self.broken:
+                    raise _WorkerDied(culprit=False)
+                ticket = self._sent
+                self._sent += 1
+                self._inbox.send_bytes(data)
+        except OSError:
+            self._break()
+            raise _WorkerDied(culprit=False) from None
+        try:
+            with self._turn:
+                while True:
+                    if self.broken:  # it died on an instance ahead of this one
+                        raise _WorkerDied(culprit=False)
+                    if self._answered == ticket:
+                        break
+                    if stop.is_set():
+                        raise Interrupted("shutting down")
+                    self._turn.wait(_POLL_SECONDS)
+            return self._answer(stop)
+        except (_WorkerDied, Interrupted):
+            # An answer left unread would go to the next caller: this worker is done for.
+            self._break()
+            raise
+        finally:
+            with self._turn:
+                self._answered += 1
+                self._turn.notify_all()
+
+    def _answer(self, stop: threading.Event) -> Transcoded:
+        try:
+            while not self._outbox.poll(_POLL_SECONDS):
                 if stop.is_set():
                     raise Interrupted("shutting down")
-            ok, payload = pickle.loads(self.conn.recv_bytes())
+            ok, payload = pickle.loads(self._outbox.recv_bytes())
             if not ok:
                 raise payload
             source_syntax, sop_instance_uid, forwarded = payload
-            return Transcoded(self.conn.recv_bytes(), source_syntax, sop_instance_uid, forwarded)
-        except (EOFError, OSError) as exc:
-            # OSError also when the pipe was closed under us by close() at shutdown.
+            data = self._outbox.recv_bytes()
+        except (EOFError, OSError):
+            # OSError also when close() shut the pipe under us at shutdown.
             if stop.is_set():
                 raise Interrupted("shutting down") from None
-            raise _WorkerDied(str(exc)) from None
+            raise _WorkerDied(culprit=True) from None
+        return Transcoded(data, source_syntax, sop_instance_uid, forwarded)
+
+    def _break(self) -> None:
+        with self._turn:
+            self.broken = True
+            self._turn.notify_all()
 
     def kill(self) -> None:
-        self.conn.close()
+        self._break()
+        for conn in (self._inbox, self._outbox):
+            conn.close()
         if self.process.is_alive():
             self.process.kill()
         self.process.join(timeout=5)
 
 
 class DecoderPool:
-    """`workers` decoding processes; `decode` borrows one, waits, and honours `stop`."""
+    """`workers` decoding processes; `decode` queues in the least busy one, honouring `stop`.
+
+    Each worker takes up to DEPTH instances: the next waits in its pipe while it decodes the
+    current one and is read the moment it is done, instead of after a round trip through the
+    bridge's threads (measured: each worker idle 6% of the time with one place, 1% with two).
+    """
 
     def __init__(self, workers: int, options: TranscodeOptions, stop: threading.Event) -> None:
         self.workers = workers
@@ -161,78 +235,75 @@ class DecoderPool:
         self._stop = stop
         start_server()
         self._context = multiprocessing.get_context("forkserver")
-        self._all: list[_Worker] = []
-        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._closed = False
-        # Started now, while the feed's first page is being read, not on the first instance.
-        for _ in range(workers):
-            self._idle.put(self._spawn())
-
-    def _spawn(self) -> _Worker:
-        with self._lock:
-            if self._closed:
-                raise Interrupted("shutting down")
-            worker = _Worker(self._context, self._options)
-            self._all.append(worker)
-            return worker
+        # Instances sent to each live worker and not yet answered. Started now, while the
+        # feed's first page is being read, not on the first instance.
+        self._load = {_Worker(self._context, options): 0 for _ in range(workers)}
 
     def decode(self, data: bytes) -> Transcoded:
-        """Transcode in a worker process; a worker that dies is replaced and tried once more."""
+        """Transcode in a worker process; if it dies while on this instance, try once more."""
         worker = self._borrow()
         deaths = 0
-        while True:
-            try:
-                result = worker.transcode(data, self._stop)
-            except _WorkerDied:
-                deaths += 1
-                worker = self._replace(worker)
-                if deaths < 2:
-                    continue
-                self._idle.put(worker)
-                raise DecodeError(
-                    "the decoding process died twice on this instance (crash or memory)"
-                ) from None
-            except Interrupted:
-                self._retire(worker)  # it may still be decoding: it cannot be lent again
-                raise
-            except BaseException:
-                self._idle.put(worker)  # the instance was bad, not the worker
-                raise
-            self._idle.put(worker)
-            return result
-
-    def _replace(self, dead: _Worker) -> _Worker:
-        code = dead.process.exitcode
-        self._retire(dead)
-        if self._stop.is_set():
-            raise Interrupted("shutting down")
-        log.warning("a decoding process died (exit code %s); starting a new one", code)
-        return self._spawn()
+        try:
+            while True:
+                try:
+                    return worker.transcode(data, self._stop)
+                except _WorkerDied as died:
+                    worker = self._current(worker)
+                    deaths += died.culprit
+                    if deaths == 2:
+                        raise DecodeError(
+                            "the decoding process died twice on this instance (crash or memory)"
+                        ) from None
+        finally:
+            with self._changed:
+                while worker.successor is not None:
+                    worker = worker.successor  # taken over while this call was leaving
+                if worker in self._load:
+                    self._load[worker] -= 1
+                self._changed.notify()
 
     def _borrow(self) -> _Worker:
-        while True:
-            try:
-                return self._idle.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise Interrupted("shutting down") from None
+        with self._changed:
+            while True:
+                if self._stop.is_set() or self._closed:
+                    raise Interrupted("shutting down")
+                worker = min(self._load, key=self._load.__getitem__)
+                if self._load[worker] < DEPTH:
+                    self._load[worker] += 1
+                    return worker
+                self._changed.wait(_POLL_SECONDS)
 
-    def _retire(self, worker: _Worker) -> None:
-        with self._lock:
-            if worker in self._all:
-                self._all.remove(worker)
-        worker.kill()
+    def _current(self, worker: _Worker) -> _Worker:
+        """The live worker that took over from `worker`: itself, or a new one if it broke."""
+        with self._changed:
+            while worker.successor is not None:
+                worker = worker.successor
+            if not worker.broken:
+                return worker
+            if self._closed or self._stop.is_set():
+                raise Interrupted("shutting down")
+            worker.kill()
+            log.warning(
+                "a decoding process died (exit code %s); starting a new one",
+                worker.process.exitcode,
+            )
+            successor = worker.successor = _Worker(self._context, self._options)
+            # Its callers move to the successor with their instances.
+            self._load[successor] = self._load.pop(worker)
+            return successor
 
     def pids(self) -> list[int]:
         """The process IDs of the live workers."""
-        with self._lock:
-            return [w.process.pid for w in self._all if w.process.pid is not None]
+        with self._changed:
+            return [w.process.pid for w in self._load if w.process.pid is not None]
 
     def close(self) -> None:
         """Stop at once, killing decodes still running (their instances are redone)."""
-        with self._lock:
+        with self._changed:
             self._closed = True
-            workers, self._all = self._all, []
+            workers = list(self._load)
+            self._changed.notify_all()
         for worker in workers:
             worker.kill()

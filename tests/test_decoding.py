@@ -158,3 +158,25 @@ def test_stop_interrupts_a_decode_in_progress(
         future.result(timeout=10)
     assert time.monotonic() - started < 1.0
     runner.shutdown()
+
+
+def test_an_instance_queued_behind_a_crashing_one_is_not_blamed(
+    stop: threading.Event, small: bytes, slow: bytes
+) -> None:
+    pool = DecoderPool(1, TranscodeOptions(), stop)
+    try:
+        runner = ThreadPoolExecutor(2)
+        doomed = runner.submit(pool.decode, slow)
+        busy_worker(pool, {pid: cpu_seconds(pid) for pid in pool.pids()})
+        queued = runner.submit(pool.decode, small)  # waits in the same worker's pipe
+        killed: list[int] = []
+        for _ in range(2):
+            before = {pid: cpu_seconds(pid) for pid in pool.pids() if pid not in killed}
+            killed.append(busy_worker(pool, before, dead=killed))
+            os.kill(killed[-1], signal.SIGKILL)
+        with pytest.raises(DecodeError, match="died twice"):
+            doomed.result(timeout=60)
+        assert queued.result(timeout=60).source_syntax == uid.JPEG2000Lossless
+        runner.shutdown()
+    finally:
+        pool.close()

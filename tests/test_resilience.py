@@ -90,8 +90,11 @@ class Uploader(threading.Thread):
         try:
             for data in self.instances:
                 self.ids.append(str(self.source.upload(data)["ID"]))
-                # Pacing, not waiting for a condition: arrivals spread over the kills.
-                self._pause.wait(self._rng.uniform(0.0, 0.15))
+                # Pacing, not waiting for a condition: arrivals spread over the kills, in
+                # bursts (two in three arrive at once, as a series does) so that a backlog
+                # builds up even though the bridge converts faster than one arrival at a time.
+                if self._rng.random() < 1 / 3:
+                    self._pause.wait(self._rng.uniform(0.1, 0.6))
         except BaseException as exc:
             self.errors.append(exc)
 
@@ -122,7 +125,8 @@ def kill_repeatedly(
         daemon = bridgectl.start("run", config, source, target, log)
         try:
             before = len(target.instances())
-            if rng.random() < 0.5:
+            kind = rng.random()
+            if kind < 1 / 3:
                 # Just after the target grew: conversions are in flight at that moment.
                 goal = min(before + rng.randint(1, 6), total)
 
@@ -132,6 +136,15 @@ def kill_repeatedly(
 
                 wait_for(grown, 60, f"{goal} instances in the target")
                 moment = f"target grew from {before} to >= {goal}"
+            elif kind < 2 / 3:
+                # While instances wait: a burst arrived that the target does not hold yet.
+                def waiting(daemon: subprocess.Popen[bytes] = daemon) -> bool:
+                    assert daemon.poll() is None, f"the daemon exited:\n{log.read_text()}"
+                    backlog = len(uploader.ids) - len(target.instances())
+                    return backlog >= 2 or not uploader.is_alive()
+
+                wait_for(waiting, 60, "a backlog")
+                moment = "with a backlog"
             else:
                 # Anywhere: during start-up, a download, a decode, an upload, a ledger write.
                 delay = rng.uniform(0.1, 2.5)
