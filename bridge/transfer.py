@@ -1,9 +1,10 @@
 """One instance, start to finish: download -> transcode -> upload -> verify -> delete.
 
-The target is trusted only after it says which transfer syntax it holds: `AlreadyStored` may
+The target's answer is checked against the transfer syntax it then holds: `AlreadyStored` may
 mean it kept an older compressed copy (Orthanc's default `OverwriteInstances: false`), which is
-then replaced. The original is deleted only when the target verifiably holds the instance in
-Explicit VR Little Endian.
+then replaced, and `Success` is checked until one upload shows that the target stores what it
+is sent. The original is deleted only when the target verifiably holds the instance in
+Explicit VR Little Endian: that check is never skipped.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bridge.budget import ByteBudget
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
@@ -52,6 +53,11 @@ class Transfer:
     budget: ByteBudget
     # Writes a ledger entry at once; used to note a verified copy before deleting the original.
     record: Callable[[Entry], None]
+    # Whether an upload answered Success was found stored as sent. Until then every upload is
+    # checked: a target that transcodes what arrives (IngestTranscoding, a Lua filter) says
+    # Success too. Once one was, Success is trusted, saving a request per instance (2% of
+    # the throughput), except before deleting an original: that copy is always checked.
+    _keeps_what_it_gets: bool = field(default=False, init=False)
 
     def run(self, item: NewInstance) -> Entry:
         """Move one instance; permanent problems come back as a FAILED/UNSUPPORTED entry.
@@ -113,7 +119,11 @@ class Transfer:
             # Same UIDs, yet another ID: Orthanc read an identifier differently in the two
             # files (e.g. a PatientID stored with VR UN in the original). Verify that copy.
             log.warning("instance %s: the target files it as %s", iid, stored.instance_id)
+        if stored.status == "Success" and self._keeps_what_it_gets and not self.delete_original:
+            return
         held = self.target.transfer_syntax(stored.instance_id)
+        if held == expected and stored.status == "Success":
+            self._keeps_what_it_gets = True
         if held != expected and stored.status == "AlreadyStored":
             # The target kept an older copy (compressed, or sent by something else): replace it.
             log.info("instance %s: target held it as %s; replacing that copy", iid, held)

@@ -32,6 +32,7 @@ SAMPLES = {
     "CT_small.dcm": True,  # already Explicit VR Little Endian: forwarded as is
 }
 UIDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID")
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.70"  # what Orthanc's own DCMTK can compress to
 
 
 def upload_samples(source: OrthancServer) -> dict[str, str]:
@@ -118,6 +119,25 @@ def test_already_stored_compressed_copy_is_replaced(
     result = bridgectl.run("catch-up", config, source, target)
     assert result.returncode == 0, result.stderr
     assert target.transfer_syntax(iid) == EXPLICIT_VR_LITTLE_ENDIAN
+
+
+@pytest.mark.parametrize("delete_original", [False, True])
+def test_a_target_that_recompresses_on_arrival_is_caught(
+    source: OrthancServer, make_orthanc: MakeOrthanc, tmp_path: Path, delete_original: bool
+) -> None:
+    """B answers Success but stores JPEG Lossless (IngestTranscoding): nothing is deleted."""
+    ids = bridgectl.upload_variants(source, "693_J2KI.dcm", 4)
+    target = make_orthanc("recompressing", extra_config={"IngestTranscoding": JPEG_LOSSLESS})
+    config = bridgectl.write_config(tmp_path, source, target, delete_original=delete_original)
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for iid in ids:
+        assert f"failed {iid}" in result.stdout
+        assert target.transfer_syntax(iid) == JPEG_LOSSLESS
+    assert f"holds it as {JPEG_LOSSLESS}" in result.stdout
+    assert set(source.instances()) == ids
 
 
 def test_delete_mode_deletes_only_verified_originals(
