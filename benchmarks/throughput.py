@@ -716,6 +716,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "bridge" in by_name:
             summary["bridge_over_limit"] = by_name["bridge"].rate / limit
             print(f"bridge / limit = {summary['bridge_over_limit']:.2f}")
+            steady = by_name["bridge"].extra.get("steady_instances_per_s") or 0.0
+            summary["bridge_steady_over_limit"] = steady / limit
+            print(
+                f"bridge after its start-up ({steady:.1f}/s from its first instance done) / limit "
+                f"= {summary['bridge_steady_over_limit']:.2f}"
+            )
     if {"copy (decoded upload)", "decode"} <= by_name.keys():
         same = 1 / (1 / by_name["copy (decoded upload)"].rate + 1 / by_name["decode"].rate)
         summary["limit_decoded_upload_instances_per_s"] = same
