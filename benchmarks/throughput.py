@@ -25,6 +25,8 @@ timed), every variant writes into a fresh, empty B. Measured, on the same corpus
 
 limit = 1 / (1/copy + 1/decode): the servers and the decoders share the same cores, so their
 costs add up; the same with copy (decoded upload) gives the limit for the bridge's own traffic.
+With --repeat N, N rounds run every variant in turn; the table shows each variant's fastest
+run, and every ratio is the median of the ratios computed within each round.
 Peak memory of the bridge is sampled every 50 ms over its whole process tree (the bridge, the
 forkserver and every decoding process), as the sum of RSS and the sum of PSS (shared pages
 divided among the processes that share them: the honest total).
@@ -39,6 +41,7 @@ import io
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +53,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Before numpy is imported: OpenBLAS's idle threads would otherwise spin in this process and
+# slow the naive loop down by ~1%, for reasons that have nothing to do with how it is built.
+# (The bridge sets the same for its decoding processes.)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 import requests
@@ -526,28 +534,59 @@ def _measure(
     name: str,
     step: Callable[[OrthancServer], Result],
     count: int,
-    repeat: int = 1,
 ) -> Result:
-    """Run `step` `repeat` times, each into a fresh target; keep the fastest run."""
-    runs: list[Result] = []
-    for _ in range(repeat):
-        with servers.fresh_target() as target:
-            assert servers.source.pid is not None and target.pid is not None
-            before = cpu_seconds(servers.source.pid), cpu_seconds(target.pid)
-            result = step(target)
-            cpu = result.extra.setdefault("cpu_s", {})
-            cpu["source"] = cpu_seconds(servers.source.pid) - before[0]
-            cpu["target"] = cpu_seconds(target.pid) - before[1]
-            _check_target(target, count, name)
-        _progress(name, result)
-        runs.append(result)
-    return _best(runs)
+    """Run `step` once into a fresh target; add the servers' CPU seconds to its figures."""
+    with servers.fresh_target() as target:
+        assert servers.source.pid is not None and target.pid is not None
+        before = cpu_seconds(servers.source.pid), cpu_seconds(target.pid)
+        result = step(target)
+        cpu = result.extra.setdefault("cpu_s", {})
+        cpu["source"] = cpu_seconds(servers.source.pid) - before[0]
+        cpu["target"] = cpu_seconds(target.pid) - before[1]
+        _check_target(target, count, name)
+    _progress(name, result)
+    return result
 
 
 def _best(runs: list[Result]) -> Result:
     best = min(runs, key=lambda r: r.seconds)
     best.extra["runs_s"] = [round(r.seconds, 2) for r in runs]
     return best
+
+
+def _ratios(rounds: list[dict[str, Result]]) -> dict[str, list[float]]:
+    """bridge/naive and bridge/limit of each round, from that round's own runs."""
+    ratios: dict[str, list[float]] = {}
+    for runs in rounds:
+        found: dict[str, float] = {}
+        if {"copy", "decode"} <= runs.keys():
+            found["limit"] = 1 / (1 / runs["copy"].rate + 1 / runs["decode"].rate)
+        if {"copy (decoded upload)", "decode"} <= runs.keys():
+            found["limit_decoded_upload"] = 1 / (
+                1 / runs["copy (decoded upload)"].rate + 1 / runs["decode"].rate
+            )
+        if "bridge" in runs:
+            bridge_run = runs["bridge"]
+            if "limit_decoded_upload" in found:
+                found["bridge_over_limit_decoded_upload"] = (
+                    bridge_run.rate / found["limit_decoded_upload"]
+                )
+            if "limit" in found:
+                found["bridge_over_limit"] = bridge_run.rate / found["limit"]
+                steady = bridge_run.extra.get("steady_instances_per_s") or 0.0
+                found["bridge_steady_over_limit"] = steady / found["limit"]
+            if "naive" in runs:
+                found["bridge_over_naive"] = bridge_run.rate / runs["naive"].rate
+            if "naive (gdcm)" in runs:
+                found["bridge_over_naive_gdcm"] = bridge_run.rate / runs["naive (gdcm)"].rate
+        for key, value in found.items():
+            ratios.setdefault(key, []).append(value)
+    return ratios
+
+
+def _progressed(name: str, result: Result) -> Result:
+    _progress(name, result)
+    return result
 
 
 def _progress(name: str, result: Result) -> None:
@@ -571,7 +610,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="decoding processes (0: CPUs)")
     parser.add_argument("--grow", action="store_true", help="also bridge COUNT/2 and COUNT*2")
     parser.add_argument(
-        "--repeat", type=int, default=1, help="run each variant this many times, keep the best"
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every variant; the table keeps each one's fastest run, the ratios "
+        "are the median of the rounds' own",
     )
     parser.add_argument(
         "--only",
@@ -599,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     results: list[Result] = []
+    rounds: list[dict[str, Result]] = []
     grow: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bridge-bench-") as tmp:
         workdir = Path(tmp)
@@ -621,69 +665,51 @@ def main(argv: Sequence[str] | None = None) -> int:
                 servers.load(files[: args.count])
             ids = sorted(servers.source.instances())
             assert len(ids) == args.count, f"A holds {len(ids)} instances"
-            if "naive" in variants:
-                results.append(
-                    _measure(
-                        servers,
-                        "naive",
-                        lambda t: naive(servers.source, t, ids),
-                        args.count,
-                        args.repeat,
-                    )
-                )
-            if "naive-gdcm" in variants:
-                results.append(
-                    _measure(
-                        servers,
-                        "naive (gdcm)",
-                        lambda t: naive(servers.source, t, ids, "gdcm"),
-                        args.count,
-                        args.repeat,
-                    )
-                )
-            if "copy" in variants:
-                results.append(
-                    _measure(
-                        servers,
-                        "copy",
-                        lambda t: copy(servers.source, t, ids),
-                        args.count,
-                        args.repeat,
-                    )
-                )
             decoded: list[bytes] = []
-            if "decode" in variants:
-                runs = []
-                for _ in range(args.repeat):
-                    decoded.clear()
-                    runs.append(decode(files[: args.count], workers, decoded))
-                    _progress("decode", runs[-1])
-                results.append(_best(runs))
+            uploads: dict[str, bytes] = {}
             if "copy-decoded" in variants:
-                if not decoded:
-                    decode(files[: args.count], workers, decoded)
+                decode(files[: args.count], workers, decoded)  # the files to upload; not timed
                 uploads = dict(zip(map(orthanc_id, files[: args.count]), decoded, strict=True))
-                results.append(
-                    _measure(
-                        servers,
-                        "copy (decoded upload)",
-                        lambda t: copy(servers.source, t, ids, uploads),
-                        args.count,
-                        args.repeat,
-                    )
-                )
-                del uploads
-            decoded.clear()
-            if "bridge" in variants:
-                results.append(
-                    _measure(
-                        servers,
-                        "bridge",
-                        lambda t: bridge(servers.source, t, args.count, workers, workdir),
-                        args.count,
-                        args.repeat,
-                    )
-                )
+                decoded.clear()
+            steps: list[tuple[str, str, Callable[[], Result]]] = [
+                ("naive", "naive", lambda: _measure(
+                    servers, "naive", lambda t: naive(servers.source, t, ids), args.count
+                )),
+                ("naive-gdcm", "naive (gdcm)", lambda: _measure(
+                    servers,
+                    "naive (gdcm)",
+                    lambda t: naive(servers.source, t, ids, "gdcm"),
+                    args.count,
+                )),
+                ("copy", "copy", lambda: _measure(
+                    servers, "copy", lambda t: copy(servers.source, t, ids), args.count
+                )),
+                ("decode", "decode", lambda: _progressed(
+                    "decode", decode(files[: args.count], workers)
+                )),
+                ("copy-decoded", "copy (decoded upload)", lambda: _measure(
+                    servers,
+                    "copy (decoded upload)",
+                    lambda t: copy(servers.source, t, ids, uploads),
+                    args.count,
+                )),
+                ("bridge", "bridge", lambda: _measure(
+                    servers,
+                    "bridge",
+                    lambda t: bridge(servers.source, t, args.count, workers, workdir),
+                    args.count,
+                )),
+            ]  # fmt: skip
+            # Rounds of every variant in turn, not every repeat of one variant in a row: a slow
+            # spell of the machine then weighs on all variants alike, and each round's ratios
+            # compare runs made minutes apart at most.
+            for number in range(1, args.repeat + 1):
+                print(f"round {number} of {args.repeat}", flush=True)
+                rounds.append({label: step() for key, label, step in steps if key in variants})
+            uploads.clear()
+            for key, label, _ in steps:
+                if key in variants:
+                    results.append(_best([runs[label] for runs in rounds]))
             if args.grow:
                 if "bridge" in variants:
                     grow.insert(1, results[-1])
@@ -699,8 +725,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             servers.source.kill()
 
-    by_name = {r.variant: r for r in results}
-    summary: dict[str, float] = {}
     print()
     options = f"--count {args.count} --workers {workers}"
     options += f" --repeat {args.repeat}" if args.repeat > 1 else ""
@@ -709,32 +733,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{os.cpu_count()} CPUs; Orthanc A and B run on the same machine.")
     print()
     print(_table(results))
-    if {"copy", "decode"} <= by_name.keys():
-        limit = 1 / (1 / by_name["copy"].rate + 1 / by_name["decode"].rate)
-        summary["limit_instances_per_s"] = limit
-        print(f"\nlimit = 1 / (1/copy + 1/decode) = {limit:.1f} instances/s")
-        if "bridge" in by_name:
-            summary["bridge_over_limit"] = by_name["bridge"].rate / limit
-            print(f"bridge / limit = {summary['bridge_over_limit']:.2f}")
-            steady = by_name["bridge"].extra.get("steady_instances_per_s") or 0.0
-            summary["bridge_steady_over_limit"] = steady / limit
-            print(
-                f"bridge after its start-up ({steady:.1f}/s from its first instance done) / limit "
-                f"= {summary['bridge_steady_over_limit']:.2f}"
-            )
-    if {"copy (decoded upload)", "decode"} <= by_name.keys():
-        same = 1 / (1 / by_name["copy (decoded upload)"].rate + 1 / by_name["decode"].rate)
-        summary["limit_decoded_upload_instances_per_s"] = same
-        print(
-            f"limit with the bridge's own traffic = 1 / (1/copy (decoded upload) + 1/decode) "
-            f"= {same:.1f} instances/s"
-        )
-        if "bridge" in by_name:
-            summary["bridge_over_limit_decoded_upload"] = by_name["bridge"].rate / same
-            print(f"bridge / that limit = {summary['bridge_over_limit_decoded_upload']:.2f}")
-    if {"naive", "bridge"} <= by_name.keys():
-        summary["bridge_over_naive"] = by_name["bridge"].rate / by_name["naive"].rate
-        print(f"bridge / naive = {summary['bridge_over_naive']:.2f}")
+    ratios = _ratios(rounds)
+    summary: dict[str, Any] = {"rounds": ratios}
+    print()
+    for key, text in (
+        ("limit", "limit = 1 / (1/copy + 1/decode), instances/s"),
+        ("limit_decoded_upload", "limit with the bridge's own traffic (copy (decoded upload))"),
+        ("bridge_over_limit", "bridge / limit"),
+        ("bridge_steady_over_limit", "bridge after its start-up / limit"),
+        ("bridge_over_limit_decoded_upload", "bridge / limit with its own traffic"),
+        ("bridge_over_naive", "bridge / naive"),
+        ("bridge_over_naive_gdcm", "bridge / naive (gdcm)"),
+    ):
+        if key in ratios:
+            values = ratios[key]
+            summary[key] = statistics.median(values)
+            digits = 1 if key.startswith("limit") else 2
+            each = ", ".join(f"{v:.{digits}f}" for v in values)
+            rounds_text = f" (median of rounds: {each})" if len(values) > 1 else ""
+            print(f"{text}: {summary[key]:.{digits}f}{rounds_text}")
     if grow:
         print("\nmemory as the corpus grows (bridge, peak over the whole process tree):\n")
         print(_table(grow))
