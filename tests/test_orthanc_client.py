@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import threading
 
 import pydicom
@@ -58,6 +59,34 @@ def test_failures_are_translated(source: OrthancServer) -> None:
     down = OrthancClient(ServerConfig(f"http://127.0.0.1:{port}"), "target", no_retry())
     with pytest.raises(ServerUnavailable, match=r"cannot reach http://127\.0\.0\.1:.*refused"):
         down.system()
+
+
+class _CutShort(http.server.BaseHTTPRequestHandler):
+    """Promises 100000 bytes, sends 10 and hangs up: a server that died mid-answer."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")
+        self.end_headers()
+        self.wfile.write(b"0123456789")
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_download_cut_short_is_transient() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cut = OrthancClient(ServerConfig(url, timeout=5), "source", no_retry())
+        with pytest.raises(ServerUnavailable, match=r"download abc\): the answer .* cut short"):
+            cut.download("abc")
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_retry_policy_gives_up_after_its_bound_and_on_stop() -> None:
