@@ -1,12 +1,15 @@
 """A byte budget: memory in flight is bounded by bytes, not by instance count.
 
 One large multi-frame instance weighs as much as hundreds of CT slices; counting instances
-would let a burst of them exhaust memory. A single item larger than the whole budget is still
-admitted when nothing else is in flight, so that it cannot block the bridge forever.
+would let a burst of them exhaust memory. The oldest holding in flight may always grow, even
+past the limit: otherwise two instances admitted as compressed files, each waiting for the
+other to leave room for its decoded copy, would wait for ever. So memory stays below the limit
+plus one instance, and a single instance larger than the whole budget still gets through.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,16 +26,19 @@ class ByteBudget:
         self.peak = 0
         self._stop = stop
         self._cond = threading.Condition()
+        self._tickets = itertools.count()
+        self._open: set[int] = set()  # the tickets of the holdings not yet given back
 
     def wait_for_room(self) -> None:
         """Block until something is left of the budget (before a download of unknown size)."""
         self._wait(lambda: self.used < self.limit)
 
-    def resize(self, held: int, wanted: int) -> int:
-        """Change a holding from `held` to `wanted` bytes, blocking while growth does not fit."""
+    def resize(self, held: int, wanted: int, ticket: int) -> int:
+        """Change holding `ticket` from `held` to `wanted` bytes, waiting while growth does not
+        fit, unless that holding is the oldest in flight."""
         if wanted > held:
             grow = wanted - held
-            self._wait(lambda: self.used == held or self.used + grow <= self.limit)
+            self._wait(lambda: self.used + grow <= self.limit or ticket == min(self._open))
         with self._cond:
             self.used += wanted - held
             self.peak = max(self.peak, self.used)
@@ -42,11 +48,17 @@ class ByteBudget:
     @contextmanager
     def holding(self) -> Iterator[Holding]:
         """A holding that starts empty and is given back in full on exit."""
-        holding = Holding(self)
+        with self._cond:
+            ticket = next(self._tickets)
+            self._open.add(ticket)
+        holding = Holding(self, ticket)
         try:
             yield holding
         finally:
             holding.set(0)
+            with self._cond:
+                self._open.discard(ticket)
+                self._cond.notify_all()
 
     def _wait(self, ready: Callable[[], bool]) -> None:
         with self._cond:
@@ -60,10 +72,11 @@ class ByteBudget:
 class Holding:
     """The bytes one piece of work holds of a budget."""
 
-    def __init__(self, budget: ByteBudget) -> None:
+    def __init__(self, budget: ByteBudget, ticket: int) -> None:
         self._budget = budget
+        self._ticket = ticket  # its place in the order the holdings were opened
         self.bytes = 0
 
     def set(self, wanted: int) -> None:
         """Hold `wanted` bytes from now on, waiting for room if that is more than before."""
-        self.bytes = self._budget.resize(self.bytes, wanted)
+        self.bytes = self._budget.resize(self.bytes, wanted, self._ticket)

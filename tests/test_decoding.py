@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import threading
@@ -10,52 +9,26 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import pytest
 from pydicom import uid
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
 from bridge.errors import DecodeError, Interrupted
 from bridge.transcode import transcode
 from tests.polling import wait_for
+from tests.transcode_support import j2k_multiframe
 
 FRAMES = 40  # over a second of decoding: time to kill the worker in the middle
 
 
-def j2k_instance(frames: int) -> bytes:
-    """A JPEG 2000 lossless instance of `frames` 512x512 16-bit noise frames."""
-    from openjpeg.utils import encode_array
-
-    pixels = np.random.default_rng(0).integers(0, 4096, (512, 512), dtype="<u2")
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = uid.JPEG2000Lossless
-    ds.file_meta.MediaStorageSOPClassUID = uid.UID("1.2.840.10008.5.1.4.1.1.7")
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid.generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.Rows = ds.Columns = 512
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    frame = encode_array(pixels, bits_stored=12, photometric_interpretation=2)
-    ds.PixelData = encapsulate([frame] * frames)
-    ds["PixelData"].VR = "OB"
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def small() -> bytes:
-    return j2k_instance(1)
+    return j2k_multiframe(1)
 
 
 @pytest.fixture(scope="module")
 def slow() -> bytes:
-    return j2k_instance(FRAMES)
+    return j2k_multiframe(FRAMES)
 
 
 @pytest.fixture

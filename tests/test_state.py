@@ -82,3 +82,31 @@ def test_budget_blocks_growth_until_room_and_admits_a_lone_giant() -> None:
         h.set(90)
         with pytest.raises(Interrupted), budget.holding() as other:
             other.set(50)
+
+
+def test_budget_lets_the_oldest_holding_grow_so_that_two_growing_ones_never_deadlock() -> None:
+    """Two holdings that both fit, then both must grow past the limit: the older one goes on."""
+    stop = threading.Event()
+    budget = ByteBudget(100, stop)
+    older_ctx, younger_ctx = budget.holding(), budget.holding()
+    older, younger = older_ctx.__enter__(), younger_ctx.__enter__()
+    older.set(40)  # compressed files, both admitted
+    younger.set(40)
+    younger_grown = threading.Event()
+
+    def grow_younger() -> None:
+        younger.set(70)  # decoded: 80 + 30 > 100, and it is not the oldest: waits
+        younger_grown.set()
+
+    thread = threading.Thread(target=grow_younger)
+    thread.start()
+    assert not younger_grown.wait(0.3)
+    older.set(70)  # 110 > 100, but the oldest in flight always may: no deadlock
+    assert budget.used == 110
+    assert not younger_grown.is_set()
+    older_ctx.__exit__(None, None, None)  # uploaded: its bytes come back
+    assert younger_grown.wait(5)
+    younger_ctx.__exit__(None, None, None)
+    thread.join(5)
+    assert budget.used == 0 and budget.peak == 110
+    stop.set()

@@ -138,3 +138,31 @@ def encapsulated_uncompressed(native: Path) -> bytes:
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = UID("1.2.840.10008.1.2.1.98")
     return to_bytes(ds)
+
+
+def j2k_multiframe(frames: int, size: int = 512) -> bytes:
+    """A new JPEG 2000 lossless instance of `frames` 12-bit noise frames of size x size.
+
+    Every frame is the same codestream (encoding is the slow part); UIDs are new each call.
+    """
+    from openjpeg.utils import encode_array
+
+    pixels = np.random.default_rng(0).integers(0, 4096, (size, size), dtype="<u2")
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.PatientID = "MULTIFRAME"
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows = ds.Columns = size
+    ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    frame = encode_array(pixels, bits_stored=12, photometric_interpretation=2)
+    ds.PixelData = encapsulate([frame] * frames)
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
