@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from tests.orthanc import (
     discard,
     require_binary,
 )
+from tests.polling import wait_for
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
@@ -210,3 +212,40 @@ def test_source_json_accepts_jpeg2000_over_dicom(
         assert server.transfer_syntax(instance_id) == JPEG_2000_LOSSLESS
     finally:
         discard(server)
+
+
+def test_the_installed_command_is_the_image_entrypoint(tmp_path: Path) -> None:
+    """`orthanc-bridge`, as the Dockerfile and systemd unit call it, starts and fails cleanly."""
+    command = Path(sys.executable).parent / "orthanc-bridge"
+    assert command.exists(), f"{command}: the package is not installed (pip install -e .)"
+    version = subprocess.run([command, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("orthanc-bridge "), version
+    # A decoding command starts the decoding server first; a bad configuration must still end
+    # in one line and exit code 2, with nothing left running.
+    missing = tmp_path / "missing.yaml"
+    process = subprocess.Popen(
+        [command, "catch-up", "-c", str(missing)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group: the decoding server's too
+    )
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 2, stderr
+    assert stderr.strip().splitlines() == [
+        f"orthanc-bridge: error: cannot read configuration {missing}: No such file or directory"
+    ]
+    wait_for(lambda: not _group_members(process.pid), 10, "the decoding server to exit")
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(proc.name))
+    return members
