@@ -48,6 +48,7 @@ _NATIVE_SOURCES = {
 }
 _EXTENDED_OFFSET_TABLE = (0x7FE00001, 0x7FE00002)
 _ICON_IMAGE_SEQUENCE = 0x00880200
+_ICON_IMAGE_SEQUENCE_BYTES = struct.pack("<HH", 0x0088, 0x0200) + b"SQ"
 # Guards against absurd headers, independent of the configured size limit.
 _MAX_FRAMES = 2**31 - 1
 _MAX_SAMPLES = 4
@@ -131,7 +132,9 @@ def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Tra
     for tag in _EXTENDED_OFFSET_TABLE:
         if tag in dataset:
             del dataset[tag]
-    _decompress_icons(dataset, str(syntax))
+            parsed.modified = True
+    if _may_hold_icons(parsed):
+        parsed.modified |= _decompress_icons(dataset, str(syntax))
     if parsed.pixel_value is None:
         return Transcoded(_allocate(parsed, 0, "OB")[0], str(syntax), sop, forwarded=False)
 
@@ -227,10 +230,11 @@ def _decode_encapsulated(
     method = _lossy_method(syntax, frames)
     if method:
         _mark_lossy(dataset, method)
+        parsed.modified = True
 
     decoded = iter_decoded(frames, syntax, spec)
     first = next(decoded)
-    _set_photometric(dataset, first, spec)
+    parsed.modified |= _set_photometric(dataset, first, spec)
     length = spec.total_bytes + spec.total_bytes % 2
     out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated))
     if spec.bits_allocated == 1:
@@ -279,19 +283,35 @@ def _mark_lossy(dataset: Dataset, method: str) -> None:
         dataset.LossyImageCompressionMethod = method
 
 
-def _set_photometric(dataset: Dataset, frame: DecodedFrame, spec: PixelSpec) -> None:
-    dataset.PhotometricInterpretation = frame.photometric_interpretation
-    if spec.samples_per_pixel > 1:
+def _set_photometric(dataset: Dataset, frame: DecodedFrame, spec: PixelSpec) -> bool:
+    """Describe the decoded pixels; return whether that changed the dataset."""
+    changed = bool(dataset.get("PhotometricInterpretation") != frame.photometric_interpretation)
+    if changed:
+        dataset.PhotometricInterpretation = frame.photometric_interpretation
+    if spec.samples_per_pixel > 1 and dataset.get("PlanarConfiguration") != 0:
         # Decoders return colour-by-pixel samples.
         dataset.PlanarConfiguration = 0
+        changed = True
+    return changed
 
 
 def _pixel_vr(bits_allocated: int) -> str:
     return "OB" if bits_allocated <= 8 else "OW"
 
 
-def _decompress_icons(dataset: Dataset, syntax: str) -> None:
-    """Decode every encapsulated icon (IconImageSequence anywhere in the dataset) to native."""
+def _may_hold_icons(parsed: Parsed) -> bool:
+    """False only when the source bytes cannot contain an Icon Image Sequence anywhere."""
+    if parsed.verbatim is None:
+        return True
+    # Its tag and VR as explicit little endian encodes them; any element of any item of any
+    # sequence would show them. (A match inside some value only costs the slow path.)
+    return any(_ICON_IMAGE_SEQUENCE_BYTES in part.tobytes() for part in parsed.verbatim)
+
+
+def _decompress_icons(dataset: Dataset, syntax: str) -> bool:
+    """Decode every encapsulated icon (IconImageSequence anywhere in the dataset) to native;
+    return whether there was any."""
+    found = False
     for elem in dataset:
         if elem.VR != "SQ":
             continue
@@ -300,7 +320,9 @@ def _decompress_icons(dataset: Dataset, syntax: str) -> None:
                 pixel = item[PIXEL_DATA]
                 if pixel.is_undefined_length:
                     _decompress_icon(item, syntax)
-            _decompress_icons(item, syntax)
+                    found = True
+            found |= _decompress_icons(item, syntax)
+    return found
 
 
 def _decompress_icon(item: Dataset, syntax: str) -> None:
@@ -357,9 +379,12 @@ def _allocate(parsed: Parsed, pixel_length: int, pixel_vr: str) -> tuple[bytearr
     head = DicomBytesIO()
     head.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(head, _file_meta(parsed), enforce_standard=True)
-    prefix = head.getvalue() + _serialize(parsed.dataset)
+    if parsed.verbatim is not None and not parsed.modified:
+        dataset, tail = (bytes(part) for part in parsed.verbatim)
+    else:
+        dataset, tail = _serialize(parsed.dataset), _serialize(parsed.tail)
+    prefix = head.getvalue() + dataset
     element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, pixel_vr.encode(), 0, pixel_length)
-    tail = _serialize(parsed.tail)
     if parsed.pixel_value is None:
         return bytearray(prefix + tail), len(prefix)
     out = bytearray(len(prefix) + len(element) + pixel_length + len(tail))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tracemalloc
@@ -21,6 +22,7 @@ from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels.processing import convert_color_space
 
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeOptions
+from bridge.dicomfile import read_meta
 from bridge.errors import DecodeError, TooLarge, UnsupportedSyntax
 from bridge.transcode import transcode
 from tests.transcode_support import (
@@ -308,6 +310,19 @@ def test_explicit_little_endian_is_forwarded_unchanged() -> None:
     assert result.forwarded
     assert result.data is data
     assert result.sop_instance_uid == read(data).SOPInstanceUID
+
+
+def test_an_unchanged_dataset_is_copied_byte_for_byte() -> None:
+    """Lossless grayscale: every element before Pixel Data keeps its source bytes."""
+    source = bundled("MR_small_jp2klossless.dcm").read_bytes()
+    out = bytes(transcode(source, TranscodeOptions()).data)
+
+    def before_pixels(data: bytes) -> bytes:
+        _, start = read_meta(memoryview(data))
+        return data[start : data.index(struct.pack("<HH", 0x7FE0, 0x0010), start)]
+
+    assert before_pixels(out) == before_pixels(source)
+    assert read(out).file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
 
 
 def test_bits_above_bits_stored_are_kept() -> None:
