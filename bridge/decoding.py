@@ -89,15 +89,22 @@ def _serve(inbox: Connection, outbox: Connection, options: TranscodeOptions) -> 
             return  # the bridge closed the pipe or is gone
         try:
             result = transcode(data, options)
+            answer = [pickle.dumps((True, _header(result))), result.data]
+            del result
         except Exception as exc:  # every error goes back to the caller, the worker stays
-            outbox.send_bytes(_pickle_error(exc))
-            continue
+            answer = [_pickle_error(exc)]
         finally:
             del data
-        header = (result.source_syntax, result.sop_instance_uid, result.forwarded)
-        outbox.send_bytes(pickle.dumps((True, header)))
-        outbox.send_bytes(result.data)
-        del result
+        try:
+            for part in answer:
+                outbox.send_bytes(part)
+        except OSError:
+            return  # the bridge died or gave this instance up while it was being decoded
+        del answer
+
+
+def _header(result: Transcoded) -> tuple[str, str, bool]:
+    return result.source_syntax, result.sop_instance_uid, result.forwarded
 
 
 def _pickle_error(exc: Exception) -> bytes:
