@@ -69,10 +69,12 @@ if str(REPO) not in sys.path:
 from bridge.decoding import DecoderPool, TranscodeOptions  # noqa: E402
 from bridge.orthanc import instance_id  # noqa: E402
 from tests.orthanc import OrthancServer  # noqa: E402
+from tests.transcode_support import j2k_monochrome  # noqa: E402
 
 SIZE = 512
 DECODED_BYTES = SIZE * SIZE * 2  # pixel bytes of one decoded slice
 CORPUS_VERSION = "ct-j2k-v1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 COPY_THREADS = 4
 SAMPLE_INTERVAL = 0.05
 MB = 1e6
@@ -112,41 +114,27 @@ def ct_slice(index: int) -> np.ndarray:
 def make_instance(index: int, study: str, series: str) -> bytes:
     """One JPEG 2000 lossless CT instance as a DICOM Part-10 file."""
     from openjpeg.utils import encode_array
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, JPEG2000Lossless, generate_uid
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2")
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.PatientID = "BENCH"
-    ds.PatientName = "Throughput^Benchmark"
-    ds.StudyInstanceUID = study
-    ds.SeriesInstanceUID = series
-    ds.Modality = "CT"
-    ds.InstanceNumber = index + 1
-    ds.SliceThickness = "1.0"
-    ds.ImagePositionPatient = [-250.0, -250.0, float(-index)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [0.9765625, 0.9765625]
-    ds.Rows = ds.Columns = SIZE
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = "-1024"
-    ds.RescaleSlope = "1"
-    ds.WindowCenter, ds.WindowWidth = "40", "400"
     frame = encode_array(ct_slice(index), bits_stored=12, photometric_interpretation=2)
-    ds.PixelData = encapsulate([frame], has_bot=True)
-    ds["PixelData"].VR = "OB"
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    return j2k_monochrome(
+        [frame],
+        SIZE,
+        CT_IMAGE_STORAGE,
+        PatientID="BENCH",
+        PatientName="Throughput^Benchmark",
+        StudyInstanceUID=study,
+        SeriesInstanceUID=series,
+        Modality="CT",
+        InstanceNumber=index + 1,
+        SliceThickness="1.0",
+        ImagePositionPatient=[-250.0, -250.0, float(-index)],
+        ImageOrientationPatient=[1.0, 0.0, 0.0, 0.0, 1.0, 0.0],
+        PixelSpacing=[0.9765625, 0.9765625],
+        RescaleIntercept="-1024",
+        RescaleSlope="1",
+        WindowCenter="40",
+        WindowWidth="400",
+    )
 
 
 def _make_file(job: tuple[int, str, str, str]) -> None:

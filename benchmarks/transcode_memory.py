@@ -19,6 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tests.transcode_support import j2k_monochrome  # noqa: E402
+
 ROWS = COLUMNS = 512
 FRAMES = 100
 
@@ -26,9 +32,6 @@ FRAMES = 100
 def make_instance(path: Path, frames: int) -> int:
     """Write a lossless JPEG 2000 multi-frame CT-like instance; return its decoded size."""
     from openjpeg.utils import encode_array
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import UID, JPEG2000Lossless, generate_uid
 
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[:ROWS, :COLUMNS]
@@ -38,25 +41,9 @@ def make_instance(path: Path, frames: int) -> int:
         noise = rng.normal(0, 40, (ROWS, COLUMNS))
         frame = (body + 24 + noise + 5 * index).clip(0, 4095).astype("<u2")
         encoded.append(encode_array(frame, bits_stored=12, photometric_interpretation=2))
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.2.1")
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.Rows, ds.Columns = ROWS, COLUMNS
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation = 0
-    ds.NumberOfFrames = frames
-    ds.PixelData = encapsulate(encoded, has_bot=True)
-    ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
+    enhanced_ct = "1.2.840.10008.5.1.4.1.1.2.1"
+    data = j2k_monochrome(encoded, ROWS, enhanced_ct, Modality="CT", NumberOfFrames=frames)
+    path.write_bytes(data)
     return ROWS * COLUMNS * 2 * frames
 
 

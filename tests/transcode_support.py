@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,30 @@ def encapsulated_uncompressed(native: Path) -> bytes:
     return to_bytes(ds)
 
 
+def j2k_monochrome(frames: Sequence[bytes], size: int, sop_class: str, **elements: Any) -> bytes:
+    """A JPEG 2000 lossless Part-10 file of encoded 12-bit MONOCHROME2 frames, size x size.
+
+    New UIDs each call; `elements` (keyword=value) are added or override the defaults.
+    """
+    ds = Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    for keyword, value in elements.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = encapsulate(list(frames))
+    ds["PixelData"].VR = "OB"
+    return to_bytes(ds)
+
+
 def j2k_multiframe(frames: int, size: int = 512) -> bytes:
     """A new JPEG 2000 lossless instance of `frames` 12-bit noise frames of size x size.
 
@@ -148,21 +173,11 @@ def j2k_multiframe(frames: int, size: int = 512) -> bytes:
     from openjpeg.utils import encode_array
 
     pixels = np.random.default_rng(0).integers(0, 4096, (size, size), dtype="<u2")
-    ds = Dataset()
-    ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
-    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.5.1.4.1.1.7")
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = pydicom.uid.generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.PatientID = "MULTIFRAME"
-    ds.StudyInstanceUID = pydicom.uid.generate_uid()
-    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
-    ds.Rows = ds.Columns = size
-    ds.NumberOfFrames = frames
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     frame = encode_array(pixels, bits_stored=12, photometric_interpretation=2)
-    ds.PixelData = encapsulate([frame] * frames)
-    ds["PixelData"].VR = "OB"
-    return to_bytes(ds)
+    return j2k_monochrome(
+        [frame] * frames,
+        size,
+        "1.2.840.10008.5.1.4.1.1.7",
+        PatientID="MULTIFRAME",
+        NumberOfFrames=frames,
+    )
