@@ -1,15 +1,16 @@
-"""The decoding processes: one pipe each, started at once, replaced when one dies.
+"""The decoding processes: a pair of pipes each, started at once, replaced when one dies.
 
 No JPEG 2000 decoder releases the GIL, so decoding runs in worker processes. This module is
 also the boundary the instances cross: the types sent to and from the workers live here, so
 that the main process never imports pydicom, numpy or the codecs (about 0.2 s of start-up and
 a hundred MB it does not need); only the forkserver and its workers do.
 
-Each worker owns a pair of pipes and decodes one instance at a time. The files cross them as
-raw bytes (`send_bytes`), never pickled, and a transfer thread talks to the worker it borrowed
-directly: no executor thread, no call queue. A worker that dies (a decoder crash, the kernel's OOM
-killer) costs only its own instance a second attempt in a new process; the other workers and
-their instances carry on, where a broken process pool would have failed them all.
+Each worker owns a pair of pipes and decodes one instance at a time, with the next one already
+waiting in its pipe. The files cross the pipes as raw bytes (`send_bytes`), never pickled, and a
+transfer thread talks to the worker it borrowed directly: no executor thread, no call queue. A
+worker that dies (a decoder crash, the kernel's OOM killer) costs only its own instance a second
+attempt in a new process; the other workers and their instances carry on, where a broken process
+pool would have failed them all.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 from bridge.errors import DecodeError, Interrupted
 
@@ -156,7 +157,7 @@ class _Worker:
     sends and reads the answer when its ticket comes up.
     """
 
-    def __init__(self, context: Any, options: TranscodeOptions) -> None:
+    def __init__(self, context: ForkServerContext, options: TranscodeOptions) -> None:
         inbox, self._inbox = multiprocessing.Pipe(duplex=False)
         self._outbox, outbox = multiprocessing.Pipe(duplex=False)
         for conn in (inbox, outbox):
@@ -244,7 +245,6 @@ class DecoderPool:
     """
 
     def __init__(self, workers: int, options: TranscodeOptions, stop: threading.Event) -> None:
-        self.workers = workers
         self._options = options
         self._stop = stop
         start_server()

@@ -109,7 +109,7 @@ class OrthancClient:
     def download(self, instance: str) -> bytes:
         """The stored DICOM file of `instance`, byte for byte."""
         path = f"/instances/{instance}/file"
-        label = f"{self.role} Orthanc (download {instance})"
+        label = self._label("GET", path, f"download {instance}")
         # Not gzip: compressed pixel data does not shrink, and gzip would cost CPU on both
         # sides of a connection that is usually a LAN or the loopback.
         headers = {"Accept-Encoding": "identity"}
@@ -175,8 +175,12 @@ class OrthancClient:
     def _call(
         self, method: str, path: str, what: str | None = None, **kwargs: Any
     ) -> requests.Response:
-        label = f"{self.role} Orthanc ({what or method + ' ' + path})"
+        label = self._label(method, path, what)
         return self.retry.call(lambda: self._once(method, path, label, **kwargs), label)
+
+    def _label(self, method: str, path: str, what: str | None) -> str:
+        """How errors name a call: the server's role and what was being done."""
+        return f"{self.role} Orthanc ({what or method + ' ' + path})"
 
     def _body(self, method: str, path: str, label: str, **kwargs: Any) -> bytes:
         """The whole body of a successful answer, read in one go; a cut-short body is retried."""

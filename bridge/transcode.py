@@ -380,10 +380,10 @@ def _allocate(parsed: Parsed, pixel_length: int, pixel_vr: str) -> tuple[bytearr
     head.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(head, _file_meta(parsed), enforce_standard=True)
     if parsed.verbatim is not None and not parsed.modified:
-        dataset, tail = (bytes(part) for part in parsed.verbatim)
+        before, tail = (bytes(part) for part in parsed.verbatim)
     else:
-        dataset, tail = _serialize(parsed.dataset), _serialize(parsed.tail)
-    prefix = head.getvalue() + dataset
+        before, tail = _serialize(parsed.dataset), _serialize(parsed.tail)
+    prefix = head.getvalue() + before
     element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, pixel_vr.encode(), 0, pixel_length)
     if parsed.pixel_value is None:
         return bytearray(prefix + tail), len(prefix)
