@@ -439,11 +439,14 @@ def test_a_burst_of_large_multiframe_instances_stays_within_the_byte_budget(
     # The budget, plus at most the growth of the oldest instance in flight (see budget.py).
     held = re.search(r"at most (\d+) MiB in flight", result.stdout)
     assert held and int(held.group(1)) <= budget_mb + decoded / 2**20 + 1, result.stdout
-    # A sanity bound on the whole tree (the exact check is the bridge's own count above): at
-    # rest about 240 MiB (shared pages counted once per process), the budget and the oldest
-    # instance, and in each of the 2 workers one instance's input, output and decoder buffers,
-    # plus the up to 32 MiB each worker keeps of freed memory.
-    bound = (240 + budget_mb + 2 * 32 + 32) * 2**20 + decoded + 2 * 3 * decoded
+    # A sanity bound on the whole tree (the exact check is the bridge's own count above). At
+    # rest about 240 MiB (shared pages counted once per process); the budget and the oldest
+    # instance; in each of the 2 workers one instance's input, output and decoder buffers and
+    # up to 32 MiB of freed memory kept; and what the budget does not see: a decoded file is
+    # read from its worker before its transfer thread waits for room, so each of the 6 transfer
+    # threads may hold one (summed peaks varied from 356 to 431 MiB between runs here).
+    threads = 6
+    bound = (240 + budget_mb + 2 * 32 + 32) * 2**20 + decoded * (1 + 2 * 3 + threads)
     assert peak < bound, f"peak RSS {peak / 2**20:.0f} MiB, bound {bound / 2**20:.0f} MiB"
 
 
