@@ -137,7 +137,7 @@ def start_server() -> None:
         os.environ.setdefault(name, str(_KEEP_FREED_BYTES))
     # forkserver: the workers must not inherit this process's threads and sockets, and each
     # is forked ready to decode rather than importing pydicom and the codecs itself.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["bridge.transcode"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["bridge.preload"])
     multiprocessing.forkserver.ensure_running()
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from pydicom import uid
@@ -18,6 +21,7 @@ from bridge.transcode import transcode
 from tests.polling import wait_for
 from tests.transcode_support import j2k_multiframe
 
+REPO = Path(__file__).resolve().parent.parent
 FRAMES = 40  # over a second of decoding: time to kill the worker in the middle
 
 
@@ -153,3 +157,14 @@ def test_an_instance_queued_behind_a_crashing_one_is_not_blamed(
         runner.shutdown()
     finally:
         pool.close()
+
+
+def test_the_decoding_server_imports_the_transcoder_without_requests() -> None:
+    # Hidden only while pydicom is imported (a faster start); importable again afterwards.
+    script = (
+        "import sys, bridge.preload\n"
+        "assert 'bridge.transcode' in sys.modules\n"
+        "assert 'requests' not in sys.modules, 'pydicom imported requests'\n"
+        "import requests\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
