@@ -3,8 +3,8 @@
 #
 # As root, or as a user with sudo. Debian packages: orthanc (the real servers the tests run),
 # dcmtk (storescp, the workstation), libgdcm-tools (gdcmconv, an independent decoder),
-# docker-compose (validates deploy/docker-compose.yml; no docker engine needed) and
-# python3-venv. Then .venv with the project and its [test,gpl] extras.
+# docker-compose (validates deploy/docker-compose.yml; no docker engine needed), openssl
+# (a certificate for the HTTPS test) and python3-venv. Then .venv with the project and its [test,gpl] extras.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,6 +21,7 @@ missing_packages() {
     command -v storescp >/dev/null || echo dcmtk
     command -v gdcmconv >/dev/null || echo libgdcm-tools
     command -v docker-compose >/dev/null || echo docker-compose
+    command -v openssl >/dev/null || echo openssl
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
 }
 

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import http.server
+import ssl
+import subprocess
 import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import pydicom
 import pytest
 
 from bridge import feed
 from bridge.config import ServerConfig
-from bridge.errors import AccessDenied, FeedResetError, NotFound, Rejected, ServerUnavailable
+from bridge.errors import (
+    AccessDenied,
+    ConfigError,
+    FeedResetError,
+    NotFound,
+    Rejected,
+    ServerUnavailable,
+)
 from bridge.orthanc import ChangesPage, OrthancClient, instance_id
 from bridge.retry import RetryPolicy, no_retry
 from tests.orthanc import OrthancServer, free_ports, pydicom_test_files
@@ -59,6 +71,81 @@ def test_failures_are_translated(source: OrthancServer) -> None:
     down = OrthancClient(ServerConfig(f"http://127.0.0.1:{port}"), "target", no_retry())
     with pytest.raises(ServerUnavailable, match=r"cannot reach http://127\.0\.0\.1:.*refused"):
         down.system()
+
+
+class _System(http.server.BaseHTTPRequestHandler):
+    """Answers /system like an Orthanc named "https"."""
+
+    def do_GET(self) -> None:
+        body = b'{"Name": "https"}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server with a self-signed certificate for 127.0.0.1: its URL and that cert.
+
+    Not Orthanc: Debian's Orthanc 1.10 resets every HTTPS connection after the handshake
+    (SslEnabled, checked with curl), so sites terminate TLS in a reverse proxy in front of
+    it, which is what this stands for.
+    """
+    workdir = tmp_path_factory.mktemp("https")
+    key, cert = workdir / "key.pem", workdir / "cert.pem"
+    request = "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=127.0.0.1"
+    names = "subjectAltName=IP:127.0.0.1"
+    subprocess.run(
+        ["openssl", *request.split(), "-addext", names, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _System)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{server.server_address[1]}", cert
+    server.shutdown()
+    server.server_close()
+
+
+def test_https_checks_the_certificate_as_configured(
+    https_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, cert = https_server
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+
+    def name(verify: bool | str) -> object:
+        config = ServerConfig(url, timeout=5, verify_tls=verify)
+        return OrthancClient(config, "source", no_retry()).system()["Name"]
+
+    assert name(str(cert)) == "https"
+    with pytest.raises(Rejected, match=r"TLS error talking to https://127\.0\.0\.1.*verify"):
+        name(True)  # the public CAs do not know this certificate
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+    assert name(True) == "https"  # as requests would: the bundle the environment names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # urllib3 warns that nothing is checked: as asked
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        assert name(False) == "https"
+
+
+def test_a_socks_proxy_from_the_environment_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("http_proxy", "socks5://proxy.example:1080")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    with pytest.raises(ConfigError, match=r"source\.url: the environment's proxy"):
+        OrthancClient(ServerConfig("http://pacs.example:8042"), "source", no_retry())
 
 
 class _CutShort(http.server.BaseHTTPRequestHandler):
