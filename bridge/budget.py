@@ -5,6 +5,9 @@ would let a burst of them exhaust memory. The oldest holding in flight may alway
 past the limit: otherwise two instances admitted as compressed files, each waiting for the
 other to leave room for its decoded copy, would wait for ever. So memory stays below the limit
 plus one instance, and a single instance larger than the whole budget still gets through.
+
+The bytes an instance holds are its compressed file and, from before it is decoded, the size
+its header declares for the decoded copy (bridge.header): a copy that exists is always counted.
 """
 
 from __future__ import annotations

@@ -15,24 +15,10 @@ from pydicom.uid import UID
 
 from bridge.codecs import find_sequence_end
 from bridge.errors import DecodeError
+from bridge.header import LONG_VRS
 
 PIXEL_DATA = 0x7FE00010
-_LONG_VRS = {
-    b"OB",
-    b"OD",
-    b"OF",
-    b"OL",
-    b"OV",
-    b"OW",
-    b"SQ",
-    b"SV",
-    b"UC",
-    b"UN",
-    b"UR",
-    b"UT",
-    b"UV",
-}
-_VALID_VRS = _LONG_VRS | {
+_VALID_VRS = LONG_VRS | {
     b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
     b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
 }  # fmt: skip
@@ -71,7 +57,7 @@ def read_meta(buf: memoryview) -> tuple[FileMetaDataset, int]:
         if group != 0x0002:
             break
         vr = bytes(buf[pos + 4 : pos + 6])
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             pos += 12 + struct.unpack_from("<I", buf, pos + 8)[0]
         else:
             pos += 8 + struct.unpack_from("<H", buf, pos + 6)[0]

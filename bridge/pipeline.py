@@ -19,6 +19,7 @@ from bridge.budget import ByteBudget
 from bridge.config import MIB, Config
 from bridge.decoding import DecoderPool, TranscodeOptions
 from bridge.errors import AccessDenied, FeedResetError, Interrupted, TransientError
+from bridge.header import decoded_size
 from bridge.orthanc import OrthancClient
 from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.transfer import Transfer
@@ -125,6 +126,7 @@ class Pipeline:
         self._slots = threading.Semaphore(workers * 3 + 2)
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
+        max_decoded = self._options.max_decoded_bytes  # larger ones are refused, not decoded
         self._transfer = Transfer(
             source,
             target,
@@ -133,6 +135,7 @@ class Pipeline:
             stop,
             self._budget,
             state.record,
+            lambda data: min(decoded_size(data) or 0, max_decoded),
         )
         self._progress = Progress(state)
 

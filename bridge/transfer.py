@@ -53,6 +53,8 @@ class Transfer:
     budget: ByteBudget
     # Writes a ledger entry at once; used to note a verified copy before deleting the original.
     record: Callable[[Entry], None]
+    # The bytes a file's decoded copy will take, as far as its header tells (0 when it cannot).
+    decoded_size: Callable[[bytes], int]
     # Whether an upload answered Success was found stored as sent. Until then every upload is
     # checked: a target that transcodes what arrives (IngestTranscoding, a Lua filter) says
     # Success too. Once one was, Success is trusted, saving a request per instance (2% of
@@ -75,7 +77,9 @@ class Transfer:
             return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
         syntax: str | None = None
         with self.budget.holding() as holding:
-            holding.set(len(data))
+            # Room for the decoded copy is taken now, while waiting holds nothing up; once a
+            # worker has decoded it, its transfer thread must read it whatever the budget says.
+            holding.set(len(data) + self.decoded_size(data))
             try:
                 result = self.decode(data)
                 syntax = result.source_syntax

@@ -1,16 +1,21 @@
-"""The durable state and the cursor rule: it only passes finished work."""
+"""The durable state, the cursor rule (it only passes finished work) and the byte budget."""
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from bridge.budget import ByteBudget
+from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 from bridge.errors import Interrupted, StateError
+from bridge.feed import NewInstance
+from bridge.orthanc import OrthancClient, Stored
 from bridge.pipeline import Progress
 from bridge.state import CONVERTED, FAILED, PENDING, PROBLEMS, Entry, State
+from bridge.transfer import Transfer
 
 
 @pytest.fixture
@@ -110,3 +115,35 @@ def test_budget_lets_the_oldest_holding_grow_so_that_two_growing_ones_never_dead
     thread.join(5)
     assert budget.used == 0 and budget.peak == 110
     stop.set()
+
+
+class _Servers:
+    """Source and target in one fake: a 100-byte download, every upload stored as sent."""
+
+    def download(self, instance: str) -> bytes:
+        return b"c" * 100
+
+    def upload(self, data: bytes | bytearray) -> Stored:
+        return Stored("iid", "Success")
+
+    def transfer_syntax(self, instance: str) -> str:
+        return EXPLICIT_VR_LITTLE_ENDIAN
+
+
+def test_a_decoded_copy_is_counted_before_it_is_decoded() -> None:
+    """Its worker cannot wait for room once it has decoded: the room is taken before."""
+    stop = threading.Event()
+    budget = ByteBudget(10**9, stop)
+    held_while_decoding: list[int] = []
+
+    def decode(data: bytes) -> Transcoded:
+        held_while_decoding.append(budget.used)
+        return Transcoded(b"d" * 1000, "1.2.840.10008.1.2.4.90", "1.2.3", forwarded=False)
+
+    servers = cast(OrthancClient, _Servers())
+    transfer = Transfer(
+        servers, servers, decode, False, stop, budget, lambda entry: None, lambda data: 1000
+    )
+    assert transfer.run(NewInstance(1, "iid")).state == CONVERTED
+    assert held_while_decoding == [100 + 1000]
+    assert budget.used == 0 and budget.peak == 1100

@@ -1,0 +1,105 @@
+"""The decoded size read from a header without pydicom, checked against pydicom's reading."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+
+from bridge.header import decoded_size
+from tests.orthanc import pydicom_test_files
+
+
+def _expected(ds: Dataset) -> int | None:
+    if not all(keyword in ds for keyword in ("Rows", "Columns", "BitsAllocated")):
+        return None
+    pixels = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+    pixels *= int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    return (pixels + 7) // 8 if bits == 1 else pixels * (bits // 8)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom on its own odd test files
+def test_every_pydicom_file_with_a_preamble_reads_as_pydicom_reads_it() -> None:
+    checked = 0
+    for path in sorted(pydicom_test_files().glob("*.dcm")):
+        data = path.read_bytes()
+        if data[128:132] != b"DICM":
+            continue
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            expected = _expected(ds)
+        except Exception:
+            continue  # pydicom itself cannot read it: nothing to compare with
+        got = decoded_size(data)
+        assert got in (expected, None), path.name
+        checked += got is not None
+    assert checked >= 60  # all but a handful: multi-frame, colour, 1-bit, big endian, deflated
+
+
+def _with_sequences(syntax: str) -> bytes:
+    """An image whose header has undefined-length sequences, nested, before group 0028."""
+    inner = Dataset()
+    inner.CodeValue = "T-D0050"
+    inner.CodingSchemeDesignator = "SRT"
+    inner.is_undefined_length_sequence_item = True
+    item = Dataset()
+    item.ReferencedSOPInstanceUID = uid.generate_uid()
+    item.ConceptNameCodeSequence = Sequence([inner, inner])
+    item["ConceptNameCodeSequence"].is_undefined_length = True
+    item.is_undefined_length_sequence_item = True
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = uid.generate_uid()
+    ds.ReferencedImageSequence = Sequence([item, item])
+    ds["ReferencedImageSequence"].is_undefined_length = True
+    ds.AnatomicRegionSequence = Sequence([inner])  # defined length, items undefined
+    ds.SamplesPerPixel = 3
+    ds.NumberOfFrames = "7"
+    ds.Rows = 33
+    ds.Columns = 65
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.PixelData = b"\0" * (33 * 65 * 3 * 7 * 2)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = uid.UID(syntax)
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        uid.ExplicitVRLittleEndian,
+        uid.ImplicitVRLittleEndian,
+        uid.ExplicitVRBigEndian,
+        uid.DeflatedExplicitVRLittleEndian,
+    ],
+)
+def test_nested_undefined_length_sequences_in_every_encoding(syntax: str) -> None:
+    data = _with_sequences(syntax)
+    if syntax != uid.DeflatedExplicitVRLittleEndian:
+        item_end = b"\xfe\xff\x0d\xe0" if syntax != uid.ExplicitVRBigEndian else b"\xff\xfe\xe0\x0d"
+        assert data.count(item_end) == 7  # the items really are of undefined length
+    assert decoded_size(data) == 33 * 65 * 3 * 7 * 2
+
+
+def test_what_it_cannot_read_is_none_not_an_error() -> None:
+    good = _with_sequences(uid.ExplicitVRLittleEndian)
+    assert decoded_size(good[:200]) is None  # cut off before the image attributes
+    assert decoded_size(good[128:]) is None  # no preamble
+    assert decoded_size(b"") is None
+    assert decoded_size(b"\0" * 128 + b"DICM" + b"\xff" * 64) is None
+    no_image = Path(pydicom_test_files() / "rtplan.dcm").read_bytes()
+    assert decoded_size(no_image) is None
