@@ -168,3 +168,12 @@ def test_the_decoding_server_imports_the_transcoder_without_requests() -> None:
         "import requests\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+
+
+def test_the_main_process_never_loads_pydicom() -> None:
+    # Its 0.2 s of imports belong to the decoding server, which runs them while this starts.
+    script = (
+        "import sys, bridge.cli, bridge.pipeline\n"
+        "assert 'pydicom' not in sys.modules and 'numpy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
