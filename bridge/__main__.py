@@ -5,6 +5,8 @@ server's imports (pydicom, numpy, the codecs: ~0.3 s) then overlap the main proc
 (requests, yaml: ~0.15 s), and the first instance is decoded that much sooner.
 """
 
+import logging
+import os
 import sys
 
 DECODING_COMMANDS = {"run", "catch-up", "retry", "reconcile"}
@@ -21,5 +23,18 @@ def main() -> int:
     return cli_main()
 
 
+def run() -> None:
+    """Run and exit without the interpreter's teardown.
+
+    Everything is closed by then (state, connections, decoding processes): what is left is
+    unloading the modules, 25-35 ms after the last instance of every catch-up.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
