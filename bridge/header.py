@@ -54,8 +54,8 @@ def decoded_size(data: bytes | bytearray) -> int | None:
     """The native size of the pixel data the header declares, or None when it cannot tell."""
     try:
         values = _image_attributes(memoryview(data))
-    except (_Unreadable, struct.error, ValueError, zlib.error):
-        return None
+    except (_Unreadable, struct.error, ValueError, zlib.error, RecursionError):
+        return None  # RecursionError: sequences nested thousands deep, a hostile file
     try:
         rows, columns, bits = values[_ROWS], values[_COLUMNS], values[_BITS]
     except KeyError:

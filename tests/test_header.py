@@ -101,5 +101,9 @@ def test_what_it_cannot_read_is_none_not_an_error() -> None:
     assert decoded_size(good[128:]) is None  # no preamble
     assert decoded_size(b"") is None
     assert decoded_size(b"\0" * 128 + b"DICM" + b"\xff" * 64) is None
+    # Sequences nested 100000 deep (explicit VR LE, undefined lengths): no RecursionError.
+    nested = b"\x08\x00\x15\x11SQ\0\0\xff\xff\xff\xff\xfe\xff\x00\xe0\xff\xff\xff\xff"
+    meta = good[: good.index(b"\x08\x00\x16\x00")]  # preamble and file meta, then the dataset
+    assert decoded_size(meta + nested * 100_000) is None
     no_image = Path(pydicom_test_files() / "rtplan.dcm").read_bytes()
     assert decoded_size(no_image) is None
