@@ -209,18 +209,7 @@ class OrthancClient:
     ) -> bytes:
         url = self.server.url + path + (f"?{urlencode(params)}" if params else "")
         try:
-            # Retries are the RetryPolicy's, redirects are refused: neither happens in here.
-            response = self._http.request(
-                method,
-                url,
-                # bytearray is sent as it is (urllib3 takes any buffer), not copied to bytes.
-                body=cast(bytes | None, body),
-                headers={**self._headers, **headers} if headers else self._headers,
-                timeout=self._timeout,
-                retries=False,
-                redirect=False,
-                preload_content=False,
-            )
+            response = self._send(method, url, body, headers)
             try:
                 data = response.read()
             finally:
@@ -258,6 +247,37 @@ class OrthancClient:
         if status in (401, 403):
             raise AccessDenied(f"{label}: HTTP {status}, check {self.role}.username and password")
         raise Rejected(f"{label}: HTTP {status}{detail}")
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | bytearray | None,
+        headers: dict[str, str] | None,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send a request; its answer's body is left to read. Retries are the RetryPolicy's,
+        redirects are refused, with one exception."""
+        for attempt in (1, 2):
+            try:
+                return self._http.request(
+                    method,
+                    url,
+                    # bytearray is sent as it is (urllib3 takes any buffer), not copied.
+                    body=cast(bytes | None, body),
+                    headers={**self._headers, **headers} if headers else self._headers,
+                    timeout=self._timeout,
+                    retries=False,
+                    redirect=False,
+                    preload_content=False,
+                )
+            except urllib3.exceptions.ProtocolError:
+                # Closed before any answer: mostly a kept-alive connection that the server
+                # closed as the request went out (an idle `run` met this every 8 s or so).
+                # Sent again at once on a new connection, not logged as a server problem;
+                # safe because every call is idempotent (an upload again is AlreadyStored).
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def _tls_options(verify: bool | str) -> dict[str, Any]:
@@ -304,7 +324,7 @@ def _reason(exc: BaseException) -> str:
     cause: BaseException | None = exc
     while cause is not None and cause.__context__ is not None and not isinstance(cause, OSError):
         cause = cause.__context__
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
+    if isinstance(cause, OSError) and (cause.strerror or str(cause)):
+        return cause.strerror or str(cause)  # e.g. "Remote end closed connection without response"
     text = str(exc)
     return text.rsplit(": ", 1)[-1].rstrip(")'\"") if text else type(exc).__name__

@@ -55,6 +55,8 @@ def _log_retry(what: str) -> Callable[[tenacity.RetryCallState], None]:
     def before_sleep(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         delay = state.next_action.sleep if state.next_action else 0.0
-        log.warning("%s: %s; retry %d in %.1f s", what, error, state.attempt_number, delay)
+        # The client's errors already name the call; others get its name in front.
+        message = str(error) if what in str(error) else f"{what}: {error}"
+        log.warning("%s; retry %d in %.1f s", message, state.attempt_number, delay)
 
     return before_sleep

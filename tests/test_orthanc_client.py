@@ -148,6 +148,43 @@ def test_a_socks_proxy_from_the_environment_is_a_config_error(
         OrthancClient(ServerConfig("http://pacs.example:8042"), "source", no_retry())
 
 
+class _ClosesKeptAliveConnections(http.server.BaseHTTPRequestHandler):
+    """Answers the first request of each connection and closes it on the second unanswered:
+    what a server that closes idle connections does when a request crosses the close."""
+
+    protocol_version = "HTTP/1.1"
+    answered = 0
+
+    def do_GET(self) -> None:
+        if getattr(self, "_served", False):
+            self.close_connection = True
+            return
+        self._served = True
+        body = b'{"Name": "flaky"}'
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        type(self).answered += 1
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_kept_alive_connection_closed_under_a_request_is_not_a_server_problem() -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ClosesKeptAliveConnections)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = ServerConfig(f"http://127.0.0.1:{server.server_address[1]}", timeout=5)
+        orthanc = OrthancClient(config, "source", no_retry())  # no retry: only its own resend
+        for _ in range(5):
+            assert orthanc.system()["Name"] == "flaky"
+        assert _ClosesKeptAliveConnections.answered == 5
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 class _CutShort(http.server.BaseHTTPRequestHandler):
     """Promises 100000 bytes, sends 10 and hangs up: a server that died mid-answer."""
 
