@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import ssl
 import subprocess
@@ -73,11 +74,10 @@ def test_failures_are_translated(source: OrthancServer) -> None:
         down.system()
 
 
-class _System(http.server.BaseHTTPRequestHandler):
-    """Answers /system like an Orthanc named "https"."""
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """A stand-in server's request handler: quiet, and answers JSON in one call."""
 
-    def do_GET(self) -> None:
-        body = b'{"Name": "https"}'
+    def answer(self, body: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -86,6 +86,25 @@ class _System(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, *args: object) -> None:
         pass
+
+
+@contextlib.contextmanager
+def _serving(handler: type[_Handler]) -> Iterator[str]:
+    """A stand-in HTTP server on loopback for the block; yields its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _System(_Handler):
+    """Answers /system like an Orthanc named "https"."""
+
+    def do_GET(self) -> None:
+        self.answer(b'{"Name": "https"}')
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +167,7 @@ def test_a_socks_proxy_from_the_environment_is_a_config_error(
         OrthancClient(ServerConfig("http://pacs.example:8042"), "source", no_retry())
 
 
-class _ClosesKeptAliveConnections(http.server.BaseHTTPRequestHandler):
+class _ClosesKeptAliveConnections(_Handler):
     """Answers the first request of each connection and closes it on the second unanswered:
     what a server that closes idle connections does when a request crosses the close."""
 
@@ -160,32 +179,19 @@ class _ClosesKeptAliveConnections(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._served = True
-        body = b'{"Name": "flaky"}'
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(b'{"Name": "flaky"}')
         type(self).answered += 1
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 def test_a_kept_alive_connection_closed_under_a_request_is_not_a_server_problem() -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ClosesKeptAliveConnections)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        config = ServerConfig(f"http://127.0.0.1:{server.server_address[1]}", timeout=5)
-        orthanc = OrthancClient(config, "source", no_retry())  # no retry: only its own resend
-        for _ in range(5):
+    with _serving(_ClosesKeptAliveConnections) as url:
+        orthanc = OrthancClient(ServerConfig(url, timeout=5), "source", no_retry())
+        for _ in range(5):  # no retry policy: only the client's own resend
             assert orthanc.system()["Name"] == "flaky"
-        assert _ClosesKeptAliveConnections.answered == 5
-    finally:
-        server.shutdown()
-        server.server_close()
+    assert _ClosesKeptAliveConnections.answered == 5
 
 
-class _CutShort(http.server.BaseHTTPRequestHandler):
+class _CutShort(_Handler):
     """Promises 100000 bytes, sends 10 and hangs up: a server that died mid-answer."""
 
     def do_GET(self) -> None:
@@ -196,21 +202,12 @@ class _CutShort(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
         self.close_connection = True
 
-    def log_message(self, *args: object) -> None:
-        pass
-
 
 def test_a_download_cut_short_is_transient() -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
+    with _serving(_CutShort) as url:
         cut = OrthancClient(ServerConfig(url, timeout=5), "source", no_retry())
         with pytest.raises(ServerUnavailable, match=r"download abc\): the answer .* cut short"):
             cut.download("abc")
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_retry_policy_gives_up_after_its_bound_and_on_stop() -> None:
