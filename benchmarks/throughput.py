@@ -71,7 +71,7 @@ if str(REPO) not in sys.path:
 
 from bridge.decoding import DecoderPool, TranscodeOptions  # noqa: E402
 from bridge.orthanc import instance_id  # noqa: E402
-from tests.orthanc import OrthancServer  # noqa: E402
+from tests.orthanc import OrthancServer, cpu_seconds  # noqa: E402
 from tests.transcode_support import j2k_monochrome  # noqa: E402
 
 SIZE = 512
@@ -392,16 +392,6 @@ class TreeMemory:
     def cpu(self) -> float:
         """CPU seconds used by the tree (to the last sample of each process)."""
         return sum(self._cpu.values())
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of one process so far (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _descendants(root: int) -> list[int]:

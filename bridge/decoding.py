@@ -6,11 +6,12 @@ that the main process never imports pydicom, numpy or the codecs (about 0.2 s of
 a hundred MB it does not need); only the forkserver and its workers do.
 
 Each worker owns a pair of pipes and decodes one instance at a time, with the next one already
-waiting in its pipe. The files cross the pipes as raw bytes (`send_bytes`), never pickled, and a
-transfer thread talks to the worker it borrowed directly: no executor thread, no call queue. A
-worker that dies (a decoder crash, the kernel's OOM killer) costs only its own instance a second
-attempt in a new process; the other workers and their instances carry on, where a broken process
-pool would have failed them all.
+waiting in its pipe. The files cross the pipes as raw bytes, never pickled (a decoded one is read
+straight into its buffer after a small header that gives its length), and a transfer thread
+talks to the worker it borrowed directly: no executor thread, no call queue. A worker that dies
+(a decoder crash, the kernel's OOM killer) costs only its own instance a second attempt in a new
+process; the other workers and their instances carry on, where a broken process pool would have
+failed them all.
 """
 
 from __future__ import annotations
@@ -247,6 +248,13 @@ class _Worker:
         self.process.join(timeout=5)
 
 
+def _latest(worker: _Worker) -> _Worker:
+    """The worker that took over from `worker`, through any number of replacements."""
+    while worker.successor is not None:
+        worker = worker.successor
+    return worker
+
+
 def _read_exactly(fd: int, length: int) -> bytearray:
     """The `length` raw bytes that follow an answer's header, read straight into place."""
     data = bytearray(length)
@@ -295,8 +303,7 @@ class DecoderPool:
                         ) from None
         finally:
             with self._changed:
-                while worker.successor is not None:
-                    worker = worker.successor  # taken over while this call was leaving
+                worker = _latest(worker)  # it may have been taken over while this call left
                 if worker in self._load:
                     self._load[worker] -= 1
                 self._changed.notify()
@@ -315,8 +322,7 @@ class DecoderPool:
     def _current(self, worker: _Worker) -> _Worker:
         """The live worker that took over from `worker`: itself, or a new one if it broke."""
         with self._changed:
-            while worker.successor is not None:
-                worker = worker.successor
+            worker = _latest(worker)
             if not worker.broken:
                 return worker
             if self._closed or self._stop.is_set():

@@ -195,7 +195,7 @@ class OrthancClient:
     def _call(self, method: str, path: str, what: str | None = None, **kwargs: Any) -> bytes:
         """The body of a successful answer, with retries as the policy declares them."""
         label = f"{self.role} Orthanc ({what or method + ' ' + path})"
-        return self.retry.call(lambda: self._once(method, path, label, **kwargs), label)
+        return self.retry.call(lambda: self._once(method, path, label, **kwargs))
 
     def _once(
         self,
@@ -255,29 +255,30 @@ class OrthancClient:
         body: bytes | bytearray | None,
         headers: dict[str, str] | None,
     ) -> urllib3.BaseHTTPResponse:
-        """Send a request; its answer's body is left to read. Retries are the RetryPolicy's,
-        redirects are refused, with one exception."""
-        for attempt in (1, 2):
-            try:
-                return self._http.request(
-                    method,
-                    url,
-                    # bytearray is sent as it is (urllib3 takes any buffer), not copied.
-                    body=cast(bytes | None, body),
-                    headers={**self._headers, **headers} if headers else self._headers,
-                    timeout=self._timeout,
-                    retries=False,
-                    redirect=False,
-                    preload_content=False,
-                )
-            except urllib3.exceptions.ProtocolError:
-                # Closed before any answer: mostly a kept-alive connection that the server
-                # closed as the request went out (an idle `run` met this every 8 s or so).
-                # Sent again at once on a new connection, not logged as a server problem;
-                # safe because every call is idempotent (an upload again is AlreadyStored).
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        """Send a request; its answer's body is left to read. Redirects are refused, and
+        retries are the RetryPolicy's but for one case, below."""
+
+        def send() -> urllib3.BaseHTTPResponse:
+            return self._http.request(
+                method,
+                url,
+                # bytearray is sent as it is (urllib3 takes any buffer), not copied.
+                body=cast(bytes | None, body),
+                headers={**self._headers, **headers} if headers else self._headers,
+                timeout=self._timeout,
+                retries=False,
+                redirect=False,
+                preload_content=False,
+            )
+
+        try:
+            return send()
+        except urllib3.exceptions.ProtocolError:
+            # Closed before any answer: mostly a kept-alive connection that the server closed
+            # as the request went out (an idle `run` met this every 8 s or so). Sent again at
+            # once on a new connection, not logged as a server problem; safe because every
+            # call is idempotent (an upload sent again is AlreadyStored).
+            return send()
 
 
 def _tls_options(verify: bool | str) -> dict[str, Any]:

@@ -30,8 +30,12 @@ class RetryPolicy:
     initial: float = 0.5
     longest: float = 30.0
 
-    def call(self, fn: Callable[[], T], what: str) -> T:
-        """Run `fn`, retrying TransientError; re-raise the last one when the policy gives up."""
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying TransientError; re-raise the last one when the policy gives up.
+
+        Each retry is logged with the error's own message, which names the call (the HTTP
+        client's errors all do).
+        """
         give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stop)
         if self.max_wait is not None:
             give_up = give_up | tenacity.stop_after_delay(self.max_wait)
@@ -40,7 +44,7 @@ class RetryPolicy:
             wait=tenacity.wait_random_exponential(multiplier=self.initial, max=self.longest),
             stop=give_up,
             sleep=tenacity.nap.sleep_using_event(self.stop),
-            before_sleep=_log_retry(what),
+            before_sleep=_log_retry,
             reraise=True,
         )
         return retrying(fn)
@@ -51,12 +55,7 @@ def no_retry(stop: threading.Event | None = None) -> RetryPolicy:
     return RetryPolicy(stop or threading.Event(), max_wait=0.0)
 
 
-def _log_retry(what: str) -> Callable[[tenacity.RetryCallState], None]:
-    def before_sleep(state: tenacity.RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        delay = state.next_action.sleep if state.next_action else 0.0
-        # The client's errors already name the call; others get its name in front.
-        message = str(error) if what in str(error) else f"{what}: {error}"
-        log.warning("%s; retry %d in %.1f s", message, state.attempt_number, delay)
-
-    return before_sleep
+def _log_retry(state: tenacity.RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    delay = state.next_action.sleep if state.next_action else 0.0
+    log.warning("%s; retry %d in %.1f s", error, state.attempt_number, delay)

@@ -74,6 +74,16 @@ def log_tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of one process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def require_binary(binary: Path, what: str) -> None:
     """Raise FileNotFoundError with an install hint when a tool the tests need is missing."""
     if not os.access(binary, os.X_OK):

@@ -18,6 +18,7 @@ from pydicom import uid
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
 from bridge.errors import DecodeError, Interrupted
 from bridge.transcode import transcode
+from tests.orthanc import cpu_seconds
 from tests.polling import wait_for
 from tests.transcode_support import j2k_multiframe
 
@@ -45,12 +46,6 @@ def pool(stop: threading.Event) -> Iterator[DecoderPool]:
     decoders = DecoderPool(2, TranscodeOptions(), stop)
     yield decoders
     decoders.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def busy_worker(pool: DecoderPool, before: dict[int, float], dead: Sequence[int] = ()) -> int:
