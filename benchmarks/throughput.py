@@ -31,7 +31,7 @@ costs add up; the same with copy (decoded upload) gives the limit for the bridge
 With --repeat N, N rounds run every variant in turn; the table shows each variant's fastest
 run, and every ratio is the median of the ratios computed within each round.
 Peak memory of the bridge is sampled every 50 ms over its whole process tree (the bridge, the
-forkserver and every decoding process), as the sum of RSS and the sum of PSS (shared pages
+zygote and every decoding process), as the sum of RSS and the sum of PSS (shared pages
 divided among the processes that share them: the honest total).
 --grow runs the bridge on COUNT/2 and on COUNT*2 instances to show that memory stays flat.
 """

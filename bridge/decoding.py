@@ -3,7 +3,7 @@
 No JPEG 2000 decoder releases the GIL, so decoding runs in worker processes. This module is
 also the boundary the instances cross: the types sent to and from the workers live here, so
 that the main process never imports pydicom, numpy or the codecs (about 0.2 s of start-up and
-a hundred MB it does not need); only the forkserver and its workers do.
+a hundred MB it does not need); only the zygote (bridge.zygote) and its workers do.
 
 Each worker owns a pair of pipes and decodes one instance at a time, with the next one already
 waiting in its pipe. The files cross the pipes as raw bytes, never pickled (a decoded one is read
@@ -19,17 +19,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import pickle
 import signal
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext
-from multiprocessing.process import BaseProcess
 
+from bridge import zygote
 from bridge.errors import DecodeError, Interrupted
 
 log = logging.getLogger(__name__)
@@ -40,7 +37,6 @@ _POLL_SECONDS = 0.2
 # Instances queued in each worker: the one it decodes and the next.
 DEPTH = 2
 _PIPE_BYTES = 1024 * 1024
-_KEEP_FREED_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -76,13 +72,16 @@ class _WorkerDied(Exception):
 # --- inside a worker process -------------------------------------------------------------------
 
 
-def _serve(inbox: Connection, outbox: Connection, options: TranscodeOptions) -> None:
+def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
     """A worker's whole life: decode every file that arrives in `inbox` until it closes."""
     # Ctrl-C reaches the whole process group; only the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Imported here, not at the top: the forkserver preloads it for the workers, and the
-    # main process, which only names this function, never loads it.
+    # Imported here, not at the top: the zygote preloads it for the workers, and the main
+    # process, which only names this function, never loads it.
     from bridge.transcode import transcode
+
+    inbox = Connection(inbox_fd, writable=False)
+    outbox = Connection(outbox_fd, readable=False)
 
     while True:
         try:
@@ -130,36 +129,13 @@ def _pickle_error(exc: Exception) -> bytes:
 # --- in the bridge -----------------------------------------------------------------------------
 
 
-def start_server() -> None:
-    """Start the forkserver, which imports the decoders once for every worker; returns at once.
-
-    Called as early as possible (see bridge.__main__): its ~0.3 s of imports then overlap the
-    main process's own start-up instead of delaying the first instance. Idempotent.
-    """
-    # numpy's OpenBLAS starts a spinning thread per core at import, and again in every forked
-    # worker: CPU taken from decoding for nothing, since no BLAS routine is ever called and
-    # the parallelism is the processes'. (0.15 s of CPU per import measured; the user's
-    # setting, if any, wins.)
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    # glibc gives memory freed at the top of the heap back to the kernel above 128 KiB, and
-    # maps big blocks afresh: every instance then page-faults its decoder's buffers in again.
-    # Keeping up to 32 MiB (one instance's buffers, many times over for a CT slice) made
-    # each decode 4% cheaper. Instances bigger than that are still mapped and unmapped.
-    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
-        os.environ.setdefault(name, str(_KEEP_FREED_BYTES))
-    # forkserver: the workers must not inherit this process's threads and sockets, and each
-    # is forked ready to decode rather than importing pydicom and the codecs itself.
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["bridge.preload"])
-    multiprocessing.forkserver.ensure_running()
-
-
-def _widen(conn: Connection) -> None:
+def _widen(fd: int) -> None:
     """Give a pipe room for a whole CT slice, so neither side waits for the other to read."""
     # Linux pipes hold 64 KiB: a worker would wait, idle, until its 0.5 MB answer was read.
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
     if set_size is not None:
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: keep the default
-            fcntl.fcntl(conn.fileno(), set_size, _PIPE_BYTES)
+            fcntl.fcntl(fd, set_size, _PIPE_BYTES)
 
 
 class _Worker:
@@ -169,17 +145,19 @@ class _Worker:
     sends and reads the answer when its ticket comes up.
     """
 
-    def __init__(self, context: ForkServerContext, options: TranscodeOptions) -> None:
-        inbox, self._inbox = multiprocessing.Pipe(duplex=False)
-        self._outbox, outbox = multiprocessing.Pipe(duplex=False)
-        for conn in (inbox, outbox):
-            _widen(conn)
-        self.process: BaseProcess = context.Process(
-            target=_serve, args=(inbox, outbox, options), name="bridge-decoder", daemon=True
-        )
-        self.process.start()
-        inbox.close()
-        outbox.close()
+    def __init__(self, options: TranscodeOptions) -> None:
+        inbox, inbox_w = os.pipe()
+        outbox_r, outbox = os.pipe()
+        for fd in (inbox, outbox):
+            _widen(fd)
+        self._inbox = Connection(inbox_w, readable=False)
+        self._outbox = Connection(outbox_r, writable=False)
+        try:
+            # Returns at once: instances can queue in the pipes while the worker is forked.
+            self.process = zygote.fork(_serve, [inbox, outbox], options)
+        finally:
+            os.close(inbox)
+            os.close(outbox)
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = self._answered = 0
@@ -243,9 +221,9 @@ class _Worker:
         self._break()
         for conn in (self._inbox, self._outbox):
             conn.close()
-        if self.process.is_alive():
-            self.process.kill()
+        self.process.kill()
         self.process.join(timeout=5)
+        self.process.close()
 
 
 def _latest(worker: _Worker) -> _Worker:
@@ -278,13 +256,11 @@ class DecoderPool:
     def __init__(self, workers: int, options: TranscodeOptions, stop: threading.Event) -> None:
         self._options = options
         self._stop = stop
-        start_server()
-        self._context = multiprocessing.get_context("forkserver")
         self._changed = threading.Condition()
         self._closed = False
         # Instances sent to each live worker and not yet answered. Started now, while the
         # feed's first page is being read, not on the first instance.
-        self._load = {_Worker(self._context, options): 0 for _ in range(workers)}
+        self._load = {_Worker(options): 0 for _ in range(workers)}
 
     def decode(self, data: bytes) -> Transcoded:
         """Transcode in a worker process; if it dies while on this instance, try once more."""
@@ -332,7 +308,7 @@ class DecoderPool:
                 "a decoding process died (exit code %s); starting a new one",
                 worker.process.exitcode,
             )
-            successor = worker.successor = _Worker(self._context, self._options)
+            successor = worker.successor = _Worker(self._options)
             # Its callers move to the successor with their instances.
             self._load[successor] = self._load.pop(worker)
             return successor

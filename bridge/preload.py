@@ -1,7 +1,7 @@
-"""What the decoding server imports once, for every worker it forks: the transcoder.
+"""What the zygote imports once, for every worker it forks: the transcoder.
 
 pydicom imports `requests` when it is installed, only to download its own test data; no
-worker ever uses it. Hiding it during the import saves the decoding server 60-70 ms of
+worker ever uses it. Hiding it during the import saves the zygote 60-70 ms of
 start-up (of about 0.3 s), which the first instance would otherwise wait for.
 """
 

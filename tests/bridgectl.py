@@ -122,7 +122,7 @@ def wait_for_count(server: OrthancServer, count: int, timeout: float = 60) -> li
 
 
 class PeakRss:
-    """Tracks the peak memory of a process group: the bridge, its forkserver and its workers.
+    """Tracks the peak memory of a process group: the bridge, its zygote and its workers.
 
     Each process's own high-water mark (VmHWM, kept by the kernel) is read while it lives, so a
     short spike between two polls is not missed; their sum bounds the group's peak from above.

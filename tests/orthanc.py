@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,12 +45,23 @@ class ProcessFailed(RuntimeError):
 
 
 def free_ports(count: int) -> list[int]:
-    """Return `count` distinct TCP ports that are free right now on every interface."""
-    # Hold every socket open until all are bound, so the kernel cannot hand out one port twice.
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    """Return `count` distinct TCP ports that are free right now on every interface.
+
+    Chosen below the kernel's ephemeral range: a port from that range (what binding to port 0
+    gives) may be taken by any outgoing connection before the server binds it, and once was.
+    """
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    # Hold every socket open until all are bound, so no port is handed out twice.
+    sockets: list[socket.socket] = []
     try:
-        for sock in sockets:
-            sock.bind(("", 0))
+        while len(sockets) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("", random.randrange(10000, ephemeral_low)))
+            except OSError:
+                sock.close()
+                continue
+            sockets.append(sock)
         return [sock.getsockname()[1] for sock in sockets]
     finally:
         for sock in sockets:
