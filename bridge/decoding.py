@@ -23,6 +23,7 @@ import os
 import pickle
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -37,6 +38,8 @@ _POLL_SECONDS = 0.2
 # Instances queued in each worker: the one it decodes and the next.
 DEPTH = 2
 _PIPE_BYTES = 1024 * 1024
+# Workers lost while this instance waited in them, whoever's fault, before it is given up.
+_MAX_LOSSES = 5
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,11 @@ def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Imported here, not at the top: the zygote preloads it for the workers, and the main
     # process, which only names this function, never loads it.
-    from bridge.transcode import transcode
+    convert: Callable[[bytes, TranscodeOptions], Transcoded]
+    try:
+        from bridge.transcode import transcode as convert
+    except Exception as exc:  # a broken installation: every instance fails and says why
+        convert = _failing(f"the decoders cannot be loaded: {type(exc).__name__}: {exc}")
 
     inbox = Connection(inbox_fd, writable=False)
     outbox = Connection(outbox_fd, readable=False)
@@ -90,7 +97,7 @@ def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
             return  # the bridge closed the pipe or is gone
         output: bytes | bytearray = b""
         try:
-            result = transcode(data, options)
+            result = convert(data, options)
             output = result.data
             header = pickle.dumps((True, (*_header(result), len(output))))
             del result
@@ -104,6 +111,13 @@ def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
         except OSError:
             return  # the bridge died or gave this instance up while it was being decoded
         del output
+
+
+def _failing(reason: str) -> Callable[[bytes, TranscodeOptions], Transcoded]:
+    def convert(data: bytes, options: TranscodeOptions) -> Transcoded:
+        raise DecodeError(reason)
+
+    return convert
 
 
 def _write_all(fd: int, data: bytes | bytearray) -> None:
@@ -265,7 +279,7 @@ class DecoderPool:
     def decode(self, data: bytes) -> Transcoded:
         """Transcode in a worker process; if it dies while on this instance, try once more."""
         worker = self._borrow()
-        deaths = 0
+        deaths = losses = 0
         try:
             while True:
                 try:
@@ -273,9 +287,16 @@ class DecoderPool:
                 except _WorkerDied as died:
                     worker = self._current(worker)
                     deaths += died.culprit
+                    losses += 1
                     if deaths == 2:
                         raise DecodeError(
                             "the decoding process died twice on this instance (crash or memory)"
+                        ) from None
+                    if losses == _MAX_LOSSES:
+                        # Workers that die before answering anything (no process can be
+                        # started, a broken zygote): give up rather than loop.
+                        raise DecodeError(
+                            f"{losses} decoding processes in a row ended before answering"
                         ) from None
         finally:
             with self._changed:

@@ -214,7 +214,9 @@ def _serve(requests: socket.socket, preload: str) -> None:
     # the parallelism is the processes'. (0.15 s of CPU per import; the user's setting wins.)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _keep_freed_memory()
-    __import__(preload)
+    # A broken installation fails here: each worker then reports it for its instances.
+    with contextlib.suppress(Exception):
+        __import__(preload)
     # A signal interrupts select() through this pipe, so ended workers are reaped at once.
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -231,7 +233,10 @@ def _serve(requests: socket.socket, preload: str) -> None:
             if not message:
                 return  # the bridge closed its end, or died
             status, *passed = fds
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:  # out of memory or processes: the bridge sees no worker, and no pid
+                pid = -1
             if pid == 0:
                 requests.close()
                 for sock in statuses.values():
@@ -241,8 +246,12 @@ def _serve(requests: socket.socket, preload: str) -> None:
                 _exit_after(_run, message, passed)
             for fd in passed:
                 os.close(fd)
+            if pid < 0:
+                os.close(status)
+                continue
             statuses[pid] = socket.socket(fileno=status)
-            statuses[pid].sendall(_PID.pack(pid))
+            with contextlib.suppress(OSError):  # the bridge gave the worker up already
+                statuses[pid].sendall(_PID.pack(pid))
 
 
 def _run(message: bytes, fds: list[int]) -> None:

@@ -172,3 +172,51 @@ def test_the_main_process_never_loads_pydicom() -> None:
         "assert 'pydicom' not in sys.modules and 'numpy' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
+
+
+def test_decoders_that_cannot_be_loaded_fail_each_instance_with_the_reason() -> None:
+    # A broken installation (here numpy made unimportable before the decoders' parent is
+    # forked): each instance fails with the import error, and nothing loops or hangs.
+    script = (
+        "import sys, threading\n"
+        "sys.modules['numpy'] = None\n"
+        "from bridge.decoding import DecoderPool, TranscodeOptions\n"
+        "from bridge.errors import DecodeError\n"
+        "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
+        "for _ in range(2):\n"
+        "    try:\n"
+        "        pool.decode(b'DICM')\n"
+        "        raise SystemExit('decoded')\n"
+        "    except DecodeError as exc:\n"
+        "        assert 'cannot be loaded: ModuleNotFoundError: import of numpy' in str(exc)\n"
+        "pool.close()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=60)
+
+
+def test_workers_that_cannot_be_started_fail_the_instance_without_looping() -> None:
+    # The decoders' parent cannot fork (its os.fork fails after the fork that made it).
+    script = (
+        "import os, sys, threading\n"
+        "real_fork, forks = os.fork, []\n"
+        "def failing_fork():\n"
+        "    forks.append(1)\n"
+        "    if len(forks) > 1:\n"
+        "        raise BlockingIOError(11, 'Resource temporarily unavailable')\n"
+        "    return real_fork()\n"
+        "os.fork = failing_fork\n"
+        "from bridge.decoding import DecoderPool, TranscodeOptions\n"
+        "from bridge.errors import DecodeError\n"
+        "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
+        "try:\n"
+        "    pool.decode(b'DICM')\n"
+        "    raise SystemExit('decoded')\n"
+        "except DecodeError as exc:\n"
+        "    print(exc)\n"
+        "pool.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, timeout=60, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "died twice" in done.stdout or "in a row" in done.stdout, done.stdout
