@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from bridge.cpus import usable_cpus
 from bridge.errors import ConfigError
 
 RESET_POLICIES = ("stop", "rewind")
@@ -59,8 +60,8 @@ class Config:
 
     @property
     def worker_count(self) -> int:
-        """Decoding processes to start: the configured number, or one per CPU."""
-        return self.workers or os.cpu_count() or 1
+        """Decoding processes to start: the configured number, or one per CPU it may use."""
+        return self.workers or usable_cpus()
 
 
 T = TypeVar("T")
