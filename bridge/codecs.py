@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import importlib.util
 import itertools
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -136,9 +141,48 @@ def _available_chain(transfer_syntax: str) -> list[str]:
     if transfer_syntax == ENCAPSULATED_UNCOMPRESSED:
         return list(chain)
     available = set(get_decoder(transfer_syntax).available_plugins)
+    if _gdcm_deferred() and transfer_syntax in _gdcm_plugin().DECODER_DEPENDENCIES:
+        available.add("gdcm")  # loaded when the chain first reaches it
     if "gdcm" in available:
         available.add("gdcm-direct")
     return [name for name in chain if name in available]
+
+
+_GDCM_PLUGIN = ("pydicom.pixels.decoders.gdcm", "_decode_frame")
+
+
+def _gdcm_plugin() -> Any:
+    return sys.modules[_GDCM_PLUGIN[0]]
+
+
+def _gdcm_deferred() -> bool:
+    """True when python-gdcm is installed but was kept out of pydicom's import (preload.py)."""
+    if _GDCM_PLUGIN[0] not in sys.modules or _gdcm_plugin().HAVE_GDCM:
+        return False
+    return _gdcm_installed()
+
+
+@functools.cache
+def _gdcm_installed() -> bool:
+    try:
+        return importlib.util.find_spec("gdcm") is not None
+    except (ImportError, ValueError):  # blocked: sys.modules["gdcm"] is None
+        return False
+
+
+def load_deferred_gdcm() -> None:
+    """Import GDCM now and give pydicom's decoders back the GDCM plugin it then lacked."""
+    if not _gdcm_deferred():
+        return
+    # pydicom decides a plugin's availability when it is added: re-read the plugin's module
+    # with gdcm importable, then add the plugin again (public, documented Decoder methods).
+    plugin = importlib.reload(_gdcm_plugin())
+    for syntax in plugin.DECODER_DEPENDENCIES:
+        decoder = get_decoder(syntax)
+        if "gdcm" not in decoder.available_plugins:
+            with contextlib.suppress(ValueError):  # not registered at all
+                decoder.remove_plugin("gdcm")
+            decoder.add_plugin("gdcm", _GDCM_PLUGIN)
 
 
 def find_sequence_end(buf: memoryview, start: int) -> int:
@@ -252,6 +296,8 @@ def iter_decoded(
 def _decode_one(name: str, encoded: bytes, transfer_syntax: str, spec: PixelSpec) -> DecodedFrame:
     if name == "native":
         return _native_frame(encoded, spec)
+    if name in ("gdcm", "gdcm-direct"):
+        load_deferred_gdcm()
     if name == "gdcm-direct":
         frame = _gdcm_direct(encoded, transfer_syntax, spec)
     else:

@@ -1,17 +1,22 @@
 """What the zygote imports once, for every worker it forks: the transcoder.
 
-pydicom imports `requests` when it is installed, only to download its own test data; no
-worker ever uses it. Hiding it during the import saves the zygote 60-70 ms of
-start-up (of about 0.3 s), which the first instance would otherwise wait for.
+Two packages are kept out of that import, which the first instance waits for (about 0.3 s):
+- `requests`, which pydicom imports when it is installed, only to download its own test data;
+  no worker ever uses it (60-70 ms).
+- `gdcm`, which pydicom's plugin registry imports at once although GDCM only ever decodes what
+  the first decoder of a chain could not (25-40 ms, and 18 MB in every process). The codecs
+  load it the first time a chain reaches it (bridge.codecs.load_deferred_gdcm).
 """
 
 import sys
 
-_hidden = "requests" not in sys.modules
-if _hidden:
-    sys.modules["requests"] = None  # type: ignore[assignment]  # makes `import requests` fail
+DEFERRED = ("requests", "gdcm")
+
+_hidden = [name for name in DEFERRED if name not in sys.modules]
+for _name in _hidden:
+    sys.modules[_name] = None  # type: ignore[assignment]  # makes `import <name>` fail
 try:
     import bridge.transcode  # noqa: F401
 finally:
-    if _hidden:
-        del sys.modules["requests"]
+    for _name in _hidden:
+        del sys.modules[_name]
