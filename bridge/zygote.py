@@ -192,7 +192,8 @@ def _keep_freed_memory() -> None:
     glibc returns memory freed at the top of the heap above 128 KiB and maps big blocks afresh:
     every instance then page-faults its decoder's buffers in again. Keeping up to 32 MiB (one
     instance's buffers, many times over for a CT slice) made each decode 4% cheaper. Set here
-    rather than through MALLOC_* variables, which glibc reads once, when the bridge started.
+    rather than through MALLOC_* variables, which glibc reads once, when the bridge started;
+    a variable the user set still wins.
     """
     import ctypes  # here, not in the bridge, which never needs it
 
@@ -201,8 +202,12 @@ def _keep_freed_memory() -> None:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return
-    for parameter in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
-        mallopt(parameter, keep)
+    for parameter, variable in (
+        (_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+        (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"),
+    ):
+        if variable not in os.environ:
+            mallopt(parameter, keep)
 
 
 def _serve(requests: socket.socket, preload: str) -> None:
