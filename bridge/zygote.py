@@ -121,6 +121,16 @@ class Zygote:
         theirs.close()
         self._socket = ours
 
+    @property
+    def pid(self) -> int:
+        """The parent's process ID."""
+        return self._pid
+
+    @property
+    def forked(self) -> bool:
+        """True when forked from the caller, False when started as a new interpreter."""
+        return self._popen is None
+
     def alive(self) -> bool:
         """False once the parent process has ended."""
         if self._popen is not None:
@@ -287,9 +297,9 @@ _shared: Zygote | None = None
 _shared_lock = threading.Lock()
 
 
-def start() -> None:
-    """Start the shared parent now, unless it is running."""
-    _shared_zygote(restart=False)
+def start() -> Zygote:
+    """The shared parent, started now unless it is running."""
+    return _shared_zygote(restart=False)
 
 
 def fork(target: Callable[..., None], fds: list[int], *args: Any) -> Child:

@@ -73,7 +73,7 @@ def test_a_forked_parent_runs_workers_and_reports_their_exit() -> None:
     _in_a_new_interpreter(
         "assert threading.active_count() == 1\n"
         "z = Zygote(t.PRELOAD)\n"
-        "assert z._popen is None, 'not forked'\n"
+        "assert z.forked\n"
         "t._check_a_worker_runs(z)\n"
         "z.close()\n"
     )
@@ -83,7 +83,7 @@ def test_with_threads_running_the_parent_is_a_new_interpreter() -> None:
     with a_thread_running():
         zygote = Zygote(PRELOAD)
     try:
-        assert zygote._popen is not None
+        assert not zygote.forked
         _check_a_worker_runs(zygote)
     finally:
         zygote.close()
@@ -114,7 +114,7 @@ def test_the_parent_ends_with_its_caller_and_its_workers_with_their_pipes() -> N
         "z = Zygote(t.PRELOAD)\n"
         "read, write = os.pipe()\n"
         "child = z.fork(t.wait_for_eof, [read])\n"
-        "print(z._pid, child.pid, flush=True)\n"
+        "print(z.pid, child.pid, flush=True)\n"
         "sys.stdin.read()\n"
     )
     caller = subprocess.Popen(
@@ -151,16 +151,14 @@ def test_the_parent_keeps_none_of_the_callers_files() -> None:
 def test_a_dead_parent_is_started_again() -> None:
     from bridge import zygote
 
-    zygote.start()
-    first = zygote._shared
-    assert first is not None
-    os.kill(first._pid, signal.SIGKILL)
+    first = zygote.start()
+    os.kill(first.pid, signal.SIGKILL)
     wait_for(lambda: not first.alive(), 10, "the parent to end")
     read, write = os.pipe()
     child = zygote.fork(echo, [write], "again")
     os.close(write)
     assert _read_all(read) == f"again {child.pid}"
-    assert zygote._shared is not first
+    assert zygote.start() is not first
     child.close()
 
 
