@@ -160,18 +160,19 @@ class _Worker:
     """
 
     def __init__(self, options: TranscodeOptions) -> None:
-        inbox, inbox_w = os.pipe()
-        outbox_r, outbox = os.pipe()
-        for fd in (inbox, outbox):
+        # Each pipe has the worker's end (given to it, then closed here) and ours.
+        worker_in, to_worker = os.pipe()
+        from_worker, worker_out = os.pipe()
+        for fd in (worker_in, worker_out):
             _widen(fd)
-        self._inbox = Connection(inbox_w, readable=False)
-        self._outbox = Connection(outbox_r, writable=False)
+        self._inbox = Connection(to_worker, readable=False)
+        self._outbox = Connection(from_worker, writable=False)
         try:
             # Returns at once: instances can queue in the pipes while the worker is forked.
-            self.process = zygote.fork(_serve, [inbox, outbox], options)
+            self.process = zygote.fork(_serve, [worker_in, worker_out], options)
         finally:
-            os.close(inbox)
-            os.close(outbox)
+            os.close(worker_in)
+            os.close(worker_out)
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = self._answered = 0

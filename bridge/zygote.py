@@ -143,10 +143,10 @@ class Zygote:
 
     def fork(self, target: Callable[..., None], fds: list[int], *args: Any) -> Child:
         """A new process that runs `target(*fds, *args)` with copies of `fds`; returns at once."""
+        message = pickle.dumps((target, args))
         ours, theirs = socket.socketpair()
         try:
             with self._lock:
-                message = pickle.dumps((target, args))
                 socket.send_fds(self._socket, [message], [theirs.fileno(), *fds])
         except OSError:
             ours.close()
@@ -167,11 +167,11 @@ class Zygote:
 
 def _exists(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only whether the process is there
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # there, but not ours
+        pass
     return True
 
 

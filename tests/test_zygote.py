@@ -173,9 +173,8 @@ def _running(pid: int) -> bool:
 def test_the_command_forks_the_parent_rather_than_starting_an_interpreter() -> None:
     # The fast start needs the command to start the parent while it runs no thread.
     _in_a_new_interpreter(
-        "sys_argv = ['orthanc-bridge', 'catch-up', '-c', '/nonexistent/bridge.yaml']\n"
-        "import sys; sys.argv = sys_argv\n"
-        "import bridge.__main__, contextlib, io\n"
+        "import bridge.__main__, contextlib, io, sys\n"
+        "sys.argv = ['orthanc-bridge', 'catch-up', '-c', '/nonexistent/bridge.yaml']\n"
         "from bridge import zygote\n"
         "with contextlib.redirect_stderr(io.StringIO()):\n"
         "    assert bridge.__main__.main() == 2\n"
