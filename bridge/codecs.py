@@ -18,7 +18,8 @@ from pydicom import uid
 from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 
-from bridge.errors import DecodeError
+from bridge.codestream import check_frame
+from bridge.errors import PROCESS_EXITS, DecodeError
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 
@@ -61,23 +62,6 @@ _PACKAGES: dict[str, str] = {
 # Lossy JPEG is converted to RGB like DCMTK's dcmdjpeg does; every other syntax keeps the colour
 # space its decoder delivers, so that lossless data stays bit-exact.
 _TO_RGB = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit}
-
-# JPEG, JPEG-LS and JPEG 2000 codestreams all end with 0xFFD9 (EOI / EOC). Some decoders fill a
-# cut-off image with grey instead of failing, so a missing end marker is checked first (after
-# the 0x00 or 0xFF padding some encoders append).
-_ENDS_WITH_FFD9 = {
-    uid.JPEGBaseline8Bit,
-    uid.JPEGExtended12Bit,
-    uid.JPEGLossless,
-    uid.JPEGLosslessSV1,
-    uid.JPEGLSLossless,
-    uid.JPEGLSNearLossless,
-    uid.JPEG2000Lossless,
-    uid.JPEG2000,
-    uid.HTJ2KLossless,
-    uid.HTJ2KLosslessRPCL,
-    uid.HTJ2K,
-}
 
 _ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
 _SEQ_DELIMITER = 0xE0DDFFFE
@@ -270,10 +254,14 @@ def iter_decoded(
         raise DecodeError(f"no decoder installed; needs {missing_decoder_hint(transfer_syntax)}")
     for index, fragments in enumerate(frames):
         encoded = fragments[0].tobytes() if len(fragments) == 1 else b"".join(fragments)
-        if transfer_syntax in _ENDS_WITH_FFD9 and not encoded.rstrip(b"\0\xff").endswith(
-            b"\xff\xd9"
-        ):
-            raise DecodeError(f"frame {index} is truncated: its codestream has no end marker")
+        # Checked before any decoder sees it: decoders trust the codestream, allocate what it
+        # declares and some crash their process on a mismatch (bridge.codestream).
+        try:
+            end = check_frame(transfer_syntax, encoded, spec)
+        except DecodeError as exc:
+            raise DecodeError(f"frame {index}: {exc}") from None
+        if end < len(encoded):
+            encoded = encoded[:end]  # padding after the end marker, which decoders need not see
         failures: list[str] = []
         for name in list(chain):
             try:
@@ -281,7 +269,9 @@ def iter_decoded(
             except DecodeError as exc:
                 failures.append(f"{name}: {exc}")
                 continue
-            except Exception as exc:  # decoders raise anything; the next one may succeed
+            except PROCESS_EXITS:
+                raise
+            except BaseException as exc:  # decoders raise anything, pyo3 panics included
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")
                 continue
             # Keep the decoder that worked at the head of the chain for the following frames.

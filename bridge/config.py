@@ -53,6 +53,7 @@ class Config:
     page_size: int = 1000
     max_decoded_mb: int = 2048
     max_inflight_mb: int = 1024
+    decode_timeout: float = 120.0
     forward_unchanged: frozenset[str] = frozenset()
     on_source_reset: str = "stop"
     catch_up_retry_seconds: float = 300.0
@@ -158,6 +159,7 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
         page_size=top.take("page_size", int, defaults.page_size),
         max_decoded_mb=top.take("max_decoded_mb", int, defaults.max_decoded_mb),
         max_inflight_mb=top.take("max_inflight_mb", int, defaults.max_inflight_mb),
+        decode_timeout=top.take("decode_timeout", float, defaults.decode_timeout),
         forward_unchanged=frozenset(_uid_list(top, "forward_unchanged")),
         on_source_reset=top.take("on_source_reset", str, defaults.on_source_reset),
         catch_up_retry_seconds=top.take(
@@ -186,6 +188,7 @@ def _check_ranges(config: Config) -> None:
         raise ConfigError(f"page_size: must be between 1 and 10000, got {config.page_size}")
     _positive("max_decoded_mb", config.max_decoded_mb)
     _positive("max_inflight_mb", config.max_inflight_mb)
+    _positive("decode_timeout", config.decode_timeout)
     _positive("catch_up_retry_seconds", config.catch_up_retry_seconds)
     if config.on_source_reset not in RESET_POLICIES:
         raise ConfigError(

@@ -23,12 +23,14 @@ import os
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from bridge import zygote
-from bridge.errors import DecodeError, Interrupted
+from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted
+from bridge.limits import address_space_limited, memory_allowance, time_allowance
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ class TranscodeOptions:
 
     max_decoded_bytes: int = 2 * 1024**3  # refuse bigger instances before allocating
     forward_unchanged: frozenset[str] = frozenset()  # undecodable syntaxes to pass through as-is
+    decode_timeout: float = 120.0  # seconds a decoding process may spend per 100 MiB decoded
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,17 @@ class Transcoded:
     source_syntax: str  # transfer syntax UID of the input
     sop_instance_uid: str
     forwarded: bool  # True when `data` is the input unchanged (already EVRLE, or forward_unchanged)
+
+
+class _TimedOut(Exception):
+    """The decoding process spent longer than the instance's allowance on it.
+
+    Never leaves this module: DecoderPool.decode replaces the process and fails the instance.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"decoding took longer than {seconds:.{0 if seconds >= 10 else 1}f} s")
+        self.seconds = seconds
 
 
 class _WorkerDied(Exception):
@@ -97,11 +111,14 @@ def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
             return  # the bridge closed the pipe or is gone
         output: bytes | bytearray = b""
         try:
-            result = convert(data, options)
+            with address_space_limited(memory_allowance(data, options.max_decoded_bytes)):
+                result = convert(data, options)
             output = result.data
             header = pickle.dumps((True, (*_header(result), len(output))))
             del result
-        except Exception as exc:  # every error goes back to the caller, the worker stays
+        except PROCESS_EXITS:
+            raise
+        except BaseException as exc:  # every error goes back to the caller, the worker stays
             header = _pickle_error(exc)
         finally:
             del data
@@ -133,7 +150,7 @@ def _header(result: Transcoded) -> tuple[str, str, bool]:
     return result.source_syntax, result.sop_instance_uid, result.forwarded
 
 
-def _pickle_error(exc: Exception) -> bytes:
+def _pickle_error(exc: BaseException) -> bytes:
     try:
         return pickle.dumps((False, exc))
     except Exception:  # an exception that cannot cross the pipe: keep its text
@@ -176,10 +193,12 @@ class _Worker:
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = self._answered = 0
+        self._answered_at = 0.0  # when the latest answer was read: the next decode began then
         self.broken = False  # died, or its answers are out of step: never used again
         self.successor: _Worker | None = None
 
-    def transcode(self, data: bytes, stop: threading.Event) -> Transcoded:
+    def transcode(self, data: bytes, stop: threading.Event, seconds: float) -> Transcoded:
+        """Decode `data`; _TimedOut once the worker has spent `seconds` on it."""
         try:
             with self._send_lock:
                 if self.broken:
@@ -187,6 +206,7 @@ class _Worker:
                 ticket = self._sent
                 self._sent += 1
                 self._inbox.send_bytes(data)
+                sent = time.monotonic()
         except OSError:
             self._break()
             raise _WorkerDied(culprit=False) from None
@@ -200,21 +220,26 @@ class _Worker:
                     if stop.is_set():
                         raise Interrupted("shutting down")
                     self._turn.wait(_POLL_SECONDS)
-            return self._answer(stop)
-        except (_WorkerDied, Interrupted):
+                # The worker took this instance up when it had answered the one before.
+                deadline = max(sent, self._answered_at) + seconds
+            return self._answer(stop, deadline, seconds)
+        except (_WorkerDied, Interrupted, _TimedOut):
             # An answer left unread would go to the next caller: this worker is done for.
             self._break()
             raise
         finally:
             with self._turn:
                 self._answered += 1
+                self._answered_at = time.monotonic()
                 self._turn.notify_all()
 
-    def _answer(self, stop: threading.Event) -> Transcoded:
+    def _answer(self, stop: threading.Event, deadline: float, seconds: float) -> Transcoded:
         try:
             while not self._outbox.poll(_POLL_SECONDS):
                 if stop.is_set():
                     raise Interrupted("shutting down")
+                if time.monotonic() > deadline:
+                    raise _TimedOut(seconds)
             ok, payload = pickle.loads(self._outbox.recv_bytes())
             if not ok:
                 raise payload
@@ -278,13 +303,24 @@ class DecoderPool:
         self._load = {_Worker(options): 0 for _ in range(workers)}
 
     def decode(self, data: bytes) -> Transcoded:
-        """Transcode in a worker process; if it dies while on this instance, try once more."""
+        """Transcode in a worker process; if it dies while on this instance, try once more.
+
+        A worker that spends longer than the instance's time allowance on it is replaced, and
+        the instance fails.
+        """
+        options = self._options
+        seconds = time_allowance(data, options.decode_timeout, options.max_decoded_bytes)
         worker = self._borrow()
         deaths = losses = 0
         try:
             while True:
                 try:
-                    return worker.transcode(data, self._stop)
+                    return worker.transcode(data, self._stop, seconds)
+                except _TimedOut as late:
+                    worker = self._current(worker, f"{late} on one instance")
+                    raise DecodeError(
+                        f"{late}; its decoding process was stopped and replaced"
+                    ) from None
                 except _WorkerDied as died:
                     worker = self._current(worker)
                     deaths += died.culprit
@@ -317,8 +353,9 @@ class DecoderPool:
                     return worker
                 self._changed.wait(_POLL_SECONDS)
 
-    def _current(self, worker: _Worker) -> _Worker:
-        """The live worker that took over from `worker`: itself, or a new one if it broke."""
+    def _current(self, worker: _Worker, why: str | None = None) -> _Worker:
+        """The live worker that took over from `worker`: itself, or a new one if it broke
+        (stopped `why`, or found dead)."""
         with self._changed:
             worker = _latest(worker)
             if not worker.broken:
@@ -326,10 +363,13 @@ class DecoderPool:
             if self._closed or self._stop.is_set():
                 raise Interrupted("shutting down")
             worker.kill()
-            log.warning(
-                "a decoding process died (exit code %s); starting a new one",
-                worker.process.exitcode,
-            )
+            if why:
+                log.warning("a decoding process was stopped: %s; starting a new one", why)
+            else:
+                log.warning(
+                    "a decoding process died (exit code %s); starting a new one",
+                    worker.process.exitcode,
+                )
             successor = worker.successor = _Worker(self._options)
             # Its callers move to the successor with their instances.
             self._load[successor] = self._load.pop(worker)

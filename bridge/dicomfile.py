@@ -14,7 +14,7 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
 from bridge.codecs import find_sequence_end
-from bridge.errors import DecodeError
+from bridge.errors import DecodeError, TooLarge
 from bridge.header import LONG_VRS
 
 PIXEL_DATA = 0x7FE00010
@@ -91,16 +91,16 @@ def transfer_syntax_of(meta: FileMetaDataset) -> UID:
     return UID(str(meta.TransferSyntaxUID).strip("\0 "))
 
 
-def parse(data: bytes, meta: FileMetaDataset, start: int) -> Parsed:
-    """Parse the dataset of `data` around its Pixel Data without copying the pixel data."""
+def parse(data: bytes, meta: FileMetaDataset, start: int, inflate_limit: int) -> Parsed:
+    """Parse the dataset of `data` around its Pixel Data without copying the pixel data.
+
+    A deflated dataset is inflated up to `inflate_limit` bytes, no further.
+    """
     transfer_syntax = transfer_syntax_of(meta)
     implicit, little, deflated = encoding_of(transfer_syntax)
     source = data
     if deflated:
-        try:
-            source = zlib.decompress(memoryview(data)[start:], -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise DecodeError(f"deflated dataset cannot be inflated: {exc}") from exc
+        source = inflate(memoryview(data)[start:], inflate_limit)
         start = 0
     buf = memoryview(source)
     implicit = _detect_vr_encoding(buf, start, implicit, little)
@@ -148,6 +148,23 @@ def parse(data: bytes, meta: FileMetaDataset, start: int) -> Parsed:
         encapsulated,
         verbatim,
     )
+
+
+def inflate(deflated: memoryview, limit: int) -> bytes:
+    """The inflated dataset; a DecodeError as soon as it would grow beyond `limit` bytes."""
+    # A stream, stopped at the limit: a deflate bomb (269 KB holding 1.5 GiB of zeros) must
+    # not allocate what it would inflate to before its size can be judged.
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        inflated = inflater.decompress(deflated, limit + 1)
+    except zlib.error as exc:
+        raise DecodeError(f"deflated dataset cannot be inflated: {exc}") from exc
+    if len(inflated) > limit:
+        raise TooLarge(
+            f"the deflated dataset inflates to more than {limit} bytes ({len(deflated)} bytes "
+            "deflated), beyond what its image needs"
+        )
+    return inflated
 
 
 def _detect_vr_encoding(buf: memoryview, start: int, implicit: bool, little: bool) -> bool:

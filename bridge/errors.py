@@ -63,3 +63,8 @@ class VerificationFailed(PermanentError):
 
 class Interrupted(BridgeError):
     """Raised inside in-flight work when shutdown abandons it; it is redone on restart."""
+
+
+# The BaseExceptions that end a process on purpose. Every other one is an error of the input:
+# pyo3's PanicException (pylibjpeg-rle on a bad frame) derives from BaseException, not Exception.
+PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 
 _DICM = b"DICM"
 _IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -50,8 +51,26 @@ class _Unreadable(Exception):
     """The header is not what this simple reader expects."""
 
 
-def decoded_size(data: bytes | bytearray) -> int | None:
-    """The native size of the pixel data the header declares, or None when it cannot tell."""
+@dataclass(frozen=True)
+class ImageSize:
+    """The native size of an instance's pixel data, as its header declares it."""
+
+    frame_bytes: int  # one frame, one byte per sample when 1-bit (as decoders return it)
+    total_bytes: int  # every frame, bit-packed when 1-bit
+
+
+def decoded_size(data: bytes | bytearray, limit: int | None = None) -> int | None:
+    """The native size of the pixel data the header declares, at most `limit`; None when the
+    header cannot tell or declares an impossible image (never negative)."""
+    size = image_size(data)
+    if size is None:
+        return None
+    return size.total_bytes if limit is None else min(size.total_bytes, limit)
+
+
+def image_size(data: bytes | bytearray) -> ImageSize | None:
+    """Frame and total sizes of the pixel data the header declares, or None when it cannot
+    tell or the values are impossible (a zero or negative count, BitsAllocated 0)."""
     try:
         values = _image_attributes(memoryview(data))
     except (_Unreadable, struct.error, ValueError, zlib.error, RecursionError):
@@ -60,10 +79,15 @@ def decoded_size(data: bytes | bytearray) -> int | None:
         rows, columns, bits = values[_ROWS], values[_COLUMNS], values[_BITS]
     except KeyError:
         return None  # no image, or not one this reader understands
-    samples = values.get(_SAMPLES, 1) or 1
-    frames = values.get(_FRAMES, 1) or 1
-    pixels = rows * columns * samples * frames
-    return (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
+    samples = values.get(_SAMPLES, 1) or 1  # 0 is read as 1, as the transcoder reads it
+    frames = values.get(_FRAMES, 1)
+    if min(rows, columns, bits, samples, frames) <= 0:
+        return None  # NumberOfFrames "-1" or "0": the decoder refuses such a header anyway
+    pixels = rows * columns * samples
+    if bits == 1:
+        return ImageSize(pixels, (pixels * frames + 7) // 8)
+    frame = pixels * ((bits + 7) // 8)
+    return ImageSize(frame, frame * frames)
 
 
 def _image_attributes(data: memoryview) -> dict[int, int]:

@@ -114,6 +114,7 @@ class Pipeline:
         self._options = TranscodeOptions(
             max_decoded_bytes=config.max_decoded_mb * MIB,
             forward_unchanged=config.forward_unchanged,
+            decode_timeout=config.decode_timeout,
         )
         self._budget = ByteBudget(config.max_inflight_mb * MIB, stop)
         self._decoder = DecoderPool(workers, self._options, stop)
@@ -135,7 +136,7 @@ class Pipeline:
             stop,
             self._budget,
             state.record,
-            lambda data: min(decoded_size(data) or 0, max_decoded),
+            lambda data: decoded_size(data, max_decoded) or 0,
         )
         self._progress = Progress(state)
 

@@ -38,7 +38,9 @@ from bridge.dicomfile import (
     swap_to_little_endian,
     transfer_syntax_of,
 )
-from bridge.errors import BridgeError, DecodeError, TooLarge, UnsupportedSyntax
+from bridge.errors import PROCESS_EXITS, BridgeError, DecodeError, TooLarge, UnsupportedSyntax
+from bridge.header import image_size
+from bridge.limits import address_space_limit
 from bridge.lossy import lossy_method
 
 _NATIVE_SOURCES = {
@@ -52,6 +54,8 @@ _ICON_IMAGE_SEQUENCE_BYTES = struct.pack("<HH", 0x0088, 0x0200) + b"SQ"
 # Guards against absurd headers, independent of the configured size limit.
 _MAX_FRAMES = 2**31 - 1
 _MAX_SAMPLES = 4
+# What a dataset may hold besides its pixel data; real ones hold kilobytes, rarely megabytes.
+_NON_PIXEL_ROOM = 64 * 1024**2
 
 
 class _Context:
@@ -88,9 +92,15 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
         return _transcode(bytes(data) if not isinstance(data, bytes) else data, options, context)
     except (DecodeError, UnsupportedSyntax, TooLarge) as exc:
         raise type(exc)(context.describe(str(exc))) from None
-    except BridgeError:
+    except (BridgeError, *PROCESS_EXITS):
         raise
-    except Exception as exc:  # pydicom, numpy and the decoders raise anything on bad input
+    except MemoryError:
+        limit = address_space_limit()
+        allowed = f"the {limit // 2**20} MiB" if limit else "the memory"
+        raise DecodeError(
+            context.describe(f"decoding needed more than {allowed} its process may use for it")
+        ) from None
+    except BaseException as exc:  # pydicom, numpy and the decoders raise anything on bad input
         raise DecodeError(context.describe(f"{type(exc).__name__}: {exc}")) from exc
     finally:
         pydicom.config.replace_un_with_known_vr = replace_un
@@ -101,7 +111,7 @@ def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Tra
     syntax = transfer_syntax_of(meta)
     context.transfer_syntax = str(syntax)
     context.sop_instance_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
-    parsed = parse(data, meta, start)
+    parsed = parse(data, meta, start, inflate_limit(data, options.max_decoded_bytes))
     sop = _uid(parsed.dataset, "SOPInstanceUID") or context.sop_instance_uid
     context.sop_instance_uid = sop
     if not sop or not (parsed.dataset.get("SOPClassUID") or meta.get("MediaStorageSOPClassUID")):
@@ -147,6 +157,14 @@ def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Tra
     else:
         out = _copy_native(parsed, spec)
     return Transcoded(out, str(syntax), sop, forwarded=False)
+
+
+def inflate_limit(data: bytes, max_decoded_bytes: int) -> int:
+    """How far a deflated dataset may inflate: the pixel data its header declares (within the
+    size limit), and room for everything else."""
+    size = image_size(data)
+    pixels = min(size.total_bytes, max_decoded_bytes) if size else 0
+    return pixels + _NON_PIXEL_ROOM
 
 
 def pixel_spec(dataset: Dataset, max_decoded_bytes: int) -> PixelSpec:

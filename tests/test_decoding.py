@@ -17,6 +17,7 @@ from pydicom import uid
 
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
 from bridge.errors import DecodeError, Interrupted
+from bridge.limits import memory_allowance, time_allowance
 from bridge.transcode import transcode
 from tests.orthanc import cpu_seconds
 from tests.polling import wait_for
@@ -220,3 +221,66 @@ def test_workers_that_cannot_be_started_fail_the_instance_without_looping() -> N
     )
     assert done.returncode == 0, done.stderr
     assert "died twice" in done.stdout or "in a row" in done.stdout, done.stdout
+
+
+def test_a_decode_over_its_time_allowance_fails_and_its_process_is_replaced(
+    stop: threading.Event, small: bytes, slow: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 40 frames of JPEG 2000 take over a second; this pool allows 0.3 s per 100 MiB.
+    pool = DecoderPool(1, TranscodeOptions(decode_timeout=0.3), stop)
+    try:
+        (stuck,) = pool.pids()
+        with pytest.raises(DecodeError, match=r"decoding took longer than 0\.3 s"):
+            pool.decode(slow)
+        assert "a decoding process was stopped: decoding took longer than 0.3 s" in caplog.text
+        pids = pool.pids()
+        assert len(pids) == 1 and stuck not in pids
+        wait_for(lambda: not os.path.exists(f"/proc/{stuck}/stat"), 10, "the stuck process gone")
+        assert pool.decode(small).source_syntax == uid.JPEG2000Lossless
+    finally:
+        pool.close()
+
+
+def test_time_allowances_grow_with_the_declared_size(slow: bytes) -> None:
+    # 40 frames of 512 x 512 x 2 bytes: 20 MiB, below one unit of 100 MiB.
+    assert time_allowance(slow, 120, 2 * 1024**3) == 120
+    huge = 3000 * 512 * 512 * 2  # a tomosynthesis of 3000 frames: 1.5 GiB
+    assert time_allowance(b"x" * huge, 120, 2 * 1024**3) == 120 * huge / (100 * 2**20)
+
+
+def test_memory_beyond_an_instance_allowance_fails_it_with_the_reason(slow: bytes) -> None:
+    # In a child process: the limit is the process's own. 40 frames decode to 20 MiB, more
+    # than the 8 MiB this instance is allowed here.
+    script = (
+        "import numpy, sys\n"
+        "from bridge.limits import address_space_limited\n"
+        "from bridge.transcode import transcode\n"
+        "from bridge.errors import DecodeError\n"
+        "data = sys.stdin.buffer.read()\n"
+        "with address_space_limited(8 * 2**20):\n"
+        "    try:\n"
+        "        numpy.ones(64 * 2**20, dtype=numpy.uint8)\n"
+        "        raise SystemExit('allocated past the limit')\n"
+        "    except MemoryError:\n"
+        "        pass\n"
+        "    try:\n"
+        "        transcode(data)\n"
+        "        raise SystemExit('decoded past the limit')\n"
+        "    except DecodeError as exc:\n"
+        "        print(exc)\n"
+        "numpy.ones(64 * 2**20, dtype=numpy.uint8)  # the limit is lifted after the instance\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=slow, cwd=REPO, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    assert "decoding needed more than the " in done.stdout.decode()
+    assert "MiB its process may use for it" in done.stdout.decode()
+
+
+def test_the_memory_allowance_follows_the_declared_size(slow: bytes) -> None:
+    decoded, frame = 40 * 512 * 512 * 2, 512 * 512 * 2
+    expected = 256 * 2**20 + 2 * len(slow) + 2 * decoded + 6 * frame
+    assert memory_allowance(slow, 2 * 1024**3) == expected
+    # A header that cannot be read: the largest instance allowed.
+    assert memory_allowance(b"garbage", 2**20) == 256 * 2**20 + 2 * 7 + 2 * 2**20 + 6 * 2**20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import pydicom
@@ -107,3 +108,30 @@ def test_what_it_cannot_read_is_none_not_an_error() -> None:
     assert decoded_size(meta + nested * 100_000) is None
     no_image = Path(pydicom_test_files() / "rtplan.dcm").read_bytes()
     assert decoded_size(no_image) is None
+
+
+def _frames_as_written(value: bytes) -> bytes:
+    """The test image with NumberOfFrames written as raw `value`, whatever pydicom allows."""
+    data = _with_sequences(uid.ExplicitVRLittleEndian)
+    element = b"\x28\x00\x08\x00IS\x02\x007 "  # (0028,0008) IS "7 "
+    assert data.count(element) == 1
+    value += b" " * (len(value) % 2)
+    return data.replace(element, element[:6] + struct.pack("<H", len(value)) + value)
+
+
+@pytest.mark.parametrize(
+    "frames", [b"-1", b"0", b"-99999999999", b"1.5", b"x", b"9" * 30, b"1" * 5000]
+)
+def test_a_nonsense_frame_count_gives_none_or_a_size_within_the_limit(frames: bytes) -> None:
+    """A negative count once made the byte budget count negative bytes; a huge one, an 83-bit
+    number of bytes."""
+    limit = 2 * 1024**3
+    data = _frames_as_written(frames)
+    size = decoded_size(data, limit)
+    assert size is None or 0 <= size <= limit
+    if frames == b"9" * 30:
+        assert size == limit  # refused by the decoder later; counted as the most it may be
+
+
+def test_a_readable_frame_count_is_read() -> None:
+    assert decoded_size(_frames_as_written(b"+3")) == 33 * 65 * 3 * 3 * 2

@@ -1,0 +1,154 @@
+"""Frames whose codestream disagrees with the header are refused before any decoder sees them.
+
+Each case is one of pydicom's real files with one field or one byte changed, as a damaged file
+or a careless modality would have it. Decoders must not be reached: GDCM aborts or segfaults its
+process on such frames, and OpenJPEG allocates whatever the SIZ marker declares.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from collections.abc import Callable
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import generate_uid
+
+import bridge.codecs
+from bridge.errors import DecodeError
+from bridge.transcode import transcode
+from tests.transcode_support import bundled
+
+Change = Callable[[Dataset, bytearray], None]
+
+
+def _instance(name: str, change: Change) -> bytes:
+    """`name` with a fresh SOP Instance UID and its first frame (and header) changed."""
+    ds = pydicom.dcmread(bundled(name))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame = bytearray(next(generate_frames(ds.PixelData, number_of_frames=frames)))
+    change(ds, frame)
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds.NumberOfFrames = 1
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _put(marker: bytes, offset: int, fmt: str, *values: int) -> Change:
+    """Write `values` at `offset` bytes after the first `marker` of the frame."""
+
+    def change(ds: Dataset, frame: bytearray) -> None:
+        struct.pack_into(fmt, frame, frame.index(marker) + offset, *values)
+
+    return change
+
+
+def _header(**values: object) -> Change:
+    def change(ds: Dataset, frame: bytearray) -> None:
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+
+    return change
+
+
+SOF1, SOF55, APP0, DQT = b"\xff\xc1", b"\xff\xf7", b"\xff\xe0", b"\xff\xdb"
+SIZ, COD = b"\xff\x51", b"\xff\x52"
+J2K, J2KI, JPEG12, JPEG8, JLS, RLE = (
+    "MR_small_jp2klossless.dcm",
+    "693_J2KI.dcm",
+    "JPGExtended.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "MR_small_RLE.dcm",
+)
+
+# name -> (file, change, what the reason must say)
+REFUSED: dict[str, tuple[str, Change, str]] = {
+    # OpenJPEG would allocate 40000 x 40000 x 4 bytes for this 1.5 KB frame.
+    "j2k-siz-larger": (
+        J2KI,
+        _put(SIZ, 6, ">I", 40000),
+        "40000 columns, the DICOM header Columns 512",
+    ),
+    "j2k-header-columns-larger": (
+        J2K,
+        _header(Columns=80),
+        "64 columns, the DICOM header Columns 80",
+    ),
+    "j2k-three-components-in-a-one-sample-header": (J2K, _put(SIZ, 38, ">H", 3), "3 components"),
+    "j2k-tiles-of-one-pixel": (J2KI, _put(SIZ, 22, ">II", 1, 1), "262144 tiles"),
+    "j2k-cod-levels": (J2K, _put(COD, 9, ">B", 40), "impossible coding style"),
+    "j2k-precision-above-bits-allocated": (J2K, _put(SIZ, 40, ">B", 16), "17 bits"),
+    "jpeg-sof-precision-17": (JPEG12, _put(SOF1, 4, ">B", 17), "precision of 17 bits"),
+    "jpeg-app0-length": (JPEG8, _put(APP0, 2, ">H", 0x0F00), "0xFFE0"),
+    "jpeg-dqt-length": (JPEG8, _put(DQT, 2, ">H", 0x0050), "no marker at byte"),
+    "jpeg-three-components-as-one": (
+        JPEG8,
+        _header(SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2"),
+        "3 components, the DICOM header SamplesPerPixel 1",
+    ),
+    "jpeg-header-columns-larger": (JPEG12, _header(Columns=300), "256 columns"),
+    "jpeg-ls-width-0": (JLS, _put(SOF55, 7, ">H", 0), "0 columns, the DICOM header Columns 64"),
+    "jpeg-ls-rows-larger": (JLS, _put(SOF55, 5, ">H", 4000), "4000 rows"),
+    "rle-segment-count": (RLE, _put(b"\x02\x00\x00\x00", 0, "<I", 3), "3 segments"),
+}
+
+
+@pytest.fixture
+def no_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any decoder is called."""
+
+    def called(*args: object) -> None:
+        raise AssertionError("a decoder was called on a frame the pre-check should refuse")
+
+    monkeypatch.setattr(bridge.codecs, "_decode_one", called)
+
+
+@pytest.mark.usefixtures("no_decoder")
+@pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
+def test_a_frame_that_disagrees_with_its_header_is_refused_before_decoding(case: str) -> None:
+    name, change, reason = REFUSED[case]
+    with pytest.raises(DecodeError) as info:
+        transcode(_instance(name, change))
+    assert reason in str(info.value)
+    assert "frame 0: " in str(info.value)
+
+
+def _pixels(data: bytes | bytearray) -> bytes:
+    return bytes(pydicom.dcmread(io.BytesIO(bytes(data))).PixelData)
+
+
+def _pad(padding: bytes) -> Change:
+    def change(ds: Dataset, frame: bytearray) -> None:
+        end = frame.rindex(b"\xff\xd9") + 2
+        frame[end:] = padding
+
+    return change
+
+
+@pytest.mark.parametrize("name", [JPEG8, JPEG12, JLS, J2K])
+@pytest.mark.parametrize(
+    "padding",
+    [b" ", b"\0\0\0", b"\xff", b"\xff\xff\xff", b"\x13\x37\x42\x99\x01\xff\x00"],
+    ids=["space", "zeros", "ff", "ff-fill", "stray-bytes"],
+)
+def test_any_padding_after_the_end_marker_is_accepted(name: str, padding: bytes) -> None:
+    """The habit: an odd-length codestream padded to even length with a space (seen on JPEG
+    Lossless from modalities), or stray bytes after EOI; DCMTK and GDCM ignore them."""
+    clean = transcode(_instance(name, _pad(b"")))
+    padded = transcode(_instance(name, _pad(padding)))
+    assert _pixels(padded.data) == _pixels(clean.data)
+
+
+@pytest.mark.parametrize("name", [JPEG8, JPEG12, JLS, J2K, J2KI])
+def test_a_codestream_cut_before_its_end_marker_is_truncated(name: str) -> None:
+    def cut(ds: Dataset, frame: bytearray) -> None:
+        del frame[len(frame) * 2 // 3 :]
+
+    with pytest.raises(DecodeError, match="truncated"):
+        transcode(_instance(name, cut))
