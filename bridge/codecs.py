@@ -7,6 +7,7 @@ import functools
 import importlib
 import importlib.util
 import itertools
+import os
 import struct
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 
 from bridge.codestream import check_frame
+from bridge.decoding import DECODER_STEP
 from bridge.errors import PROCESS_EXITS, DecodeError
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
@@ -108,6 +110,16 @@ class DecodedFrame:
 
     pixels: np.ndarray[Any, Any]
     photometric_interpretation: str
+
+
+_noted_fd: int | None = None
+
+
+def note_decoder_calls(fd: int | None) -> None:
+    """Write a line to `fd` before each decoder call (a decoding process's stderr: if a decoder
+    crashes the process, the bridge reads there which one, on which frame)."""
+    global _noted_fd
+    _noted_fd = fd
 
 
 def has_decoder(transfer_syntax: str) -> bool:
@@ -264,6 +276,8 @@ def iter_decoded(
             encoded = encoded[:end]  # padding after the end marker, which decoders need not see
         failures: list[str] = []
         for name in list(chain):
+            if _noted_fd is not None:
+                os.write(_noted_fd, f"{DECODER_STEP} {name} on frame {index}\n".encode())
             try:
                 frame = _decode_one(name, encoded, transfer_syntax, spec)
             except DecodeError as exc:

@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +43,12 @@ DEPTH = 2
 _PIPE_BYTES = 1024 * 1024
 # Workers lost while this instance waited in them, whoever's fault, before it is given up.
 _MAX_LOSSES = 5
+# A worker notes each decoder call in its stderr before making it (see bridge.codecs), so that
+# a crash can be pinned on the decoder and frame that caused it.
+DECODER_STEP = "orthanc-bridge decoding step:"
+# Deaths that a decoder causes itself on an input, and will cause again: not worth a retry.
+_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+_STDERR_KEPT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -89,15 +96,22 @@ class _WorkerDied(Exception):
 # --- inside a worker process -------------------------------------------------------------------
 
 
-def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
+def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOptions) -> None:
     """A worker's whole life: decode every file that arrives in `inbox` until it closes."""
     # Ctrl-C reaches the whole process group; only the parent decides how to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What decoders print (OpenJPEG's complaints, a Rust panic's backtrace, GDCM's last words
+    # before abort) goes to a file the bridge reads if this process dies, not to its log.
+    os.dup2(stderr_fd, 2)
+    os.close(stderr_fd)
     # Imported here, not at the top: the zygote preloads it for the workers, and the main
     # process, which only names this function, never loads it.
     convert: Callable[[bytes, TranscodeOptions], Transcoded]
     try:
+        from bridge.codecs import note_decoder_calls
         from bridge.transcode import transcode as convert
+
+        note_decoder_calls(2)
     except Exception as exc:  # a broken installation: every instance fails and says why
         convert = _failing(f"the decoders cannot be loaded: {type(exc).__name__}: {exc}")
 
@@ -110,6 +124,7 @@ def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
         except (EOFError, OSError):
             return  # the bridge closed the pipe or is gone
         output: bytes | bytearray = b""
+        _forget_stderr()  # only the current instance's is of interest
         try:
             with address_space_limited(memory_allowance(data, options.max_decoded_bytes)):
                 result = convert(data, options)
@@ -128,6 +143,13 @@ def _serve(inbox_fd: int, outbox_fd: int, options: TranscodeOptions) -> None:
         except OSError:
             return  # the bridge died or gave this instance up while it was being decoded
         del output
+
+
+def _forget_stderr() -> None:
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):
+        os.ftruncate(2, 0)
+        os.lseek(2, 0, os.SEEK_SET)
 
 
 def _failing(reason: str) -> Callable[[bytes, TranscodeOptions], Transcoded]:
@@ -184,9 +206,11 @@ class _Worker:
             _widen(fd)
         self._inbox = Connection(to_worker, readable=False)
         self._outbox = Connection(from_worker, writable=False)
+        self._stderr = _memory_file()  # the worker's stderr, which it empties per instance
+        self.last_words = ""  # what it had written when it ended
         try:
             # Returns at once: instances can queue in the pipes while the worker is forked.
-            self.process = zygote.fork(_serve, [worker_in, worker_out], options)
+            self.process = zygote.fork(_serve, [worker_in, worker_out, self._stderr], options)
         finally:
             os.close(worker_in)
             os.close(worker_out)
@@ -264,6 +288,43 @@ class _Worker:
         self.process.kill()
         self.process.join(timeout=5)
         self.process.close()
+        with contextlib.suppress(OSError):
+            end = os.fstat(self._stderr).st_size
+            tail = os.pread(self._stderr, _STDERR_KEPT, max(0, end - _STDERR_KEPT))
+            self.last_words = tail.decode("utf-8", "replace")
+            os.close(self._stderr)
+
+    def crash(self) -> str | None:
+        """Once killed: how a decoder crashed this process, if one did (None otherwise)."""
+        code = self.process.exitcode
+        if code is None or code >= 0 or -code not in _CRASH_SIGNALS:
+            return None
+        steps = [line for line in self.last_words.splitlines() if line.startswith(DECODER_STEP)]
+        if not steps:
+            return None  # it died elsewhere: an instance queued behind may not be to blame
+        said = [
+            line.strip()
+            for line in self.last_words.split(steps[-1], 1)[1].splitlines()
+            if line.strip() and not line.startswith(DECODER_STEP)
+        ]
+        where = steps[-1][len(DECODER_STEP) :].strip()
+        return f"the decoder {where} crashed its process ({signal.Signals(-code).name})" + (
+            f": {said[0]}" if said else ""
+        )
+
+    def death(self) -> str:
+        """Once killed: its exit code and, for a crash, where it happened."""
+        return f"exit code {self.process.exitcode}" + (f"; {self.crash()}" if self.crash() else "")
+
+
+def _memory_file() -> int:
+    """A file descriptor of a new, empty file that lives in memory."""
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("orthanc-bridge-decoder-stderr")
+    import tempfile  # not Linux
+
+    with tempfile.TemporaryFile() as file:
+        return os.dup(file.fileno())
 
 
 def _latest(worker: _Worker) -> _Worker:
@@ -322,7 +383,11 @@ class DecoderPool:
                         f"{late}; its decoding process was stopped and replaced"
                     ) from None
                 except _WorkerDied as died:
-                    worker = self._current(worker)
+                    dead, worker = worker, self._current(worker)
+                    crash = died.culprit and dead.crash()
+                    if crash:
+                        # A decoder crashed on this input, and would again: fail it now.
+                        raise DecodeError(crash) from None
                     deaths += died.culprit
                     losses += 1
                     if deaths == 2:
@@ -366,10 +431,7 @@ class DecoderPool:
             if why:
                 log.warning("a decoding process was stopped: %s; starting a new one", why)
             else:
-                log.warning(
-                    "a decoding process died (exit code %s); starting a new one",
-                    worker.process.exitcode,
-                )
+                log.warning("a decoding process died (%s); starting a new one", worker.death())
             successor = worker.successor = _Worker(self._options)
             # Its callers move to the successor with their instances.
             self._load[successor] = self._load.pop(worker)

@@ -284,3 +284,44 @@ def test_the_memory_allowance_follows_the_declared_size(slow: bytes) -> None:
     assert memory_allowance(slow, 2 * 1024**3) == expected
     # A header that cannot be read: the largest instance allowed.
     assert memory_allowance(b"garbage", 2**20) == 256 * 2**20 + 2 * 7 + 2 * 2**20 + 6 * 2**20
+
+
+def test_a_decoder_that_crashes_its_process_fails_the_instance_at_once(
+    pool: DecoderPool, small: bytes, slow: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SIGSEGV while a decoder runs, as GDCM does on some damaged frames: the crash would
+    # recur, so the instance fails without a second process's death, naming the decoder.
+    before = {pid: cpu_seconds(pid) for pid in pool.pids()}
+    runner, future = in_background(pool, slow)
+    victim = busy_worker(pool, before)
+    os.kill(victim, signal.SIGSEGV)
+    with pytest.raises(DecodeError, match=r"the decoder pylibjpeg on frame \d+ crashed its "):
+        future.result(timeout=60)
+    runner.shutdown()
+    assert "(SIGSEGV)" in caplog.text and "exit code -11" in caplog.text
+    pids = pool.pids()
+    assert len(pids) == 2 and victim not in pids
+    assert pool.decode(small).source_syntax == uid.JPEG2000Lossless
+
+
+def test_what_decoders_print_stays_out_of_the_output() -> None:
+    # pylibjpeg-rle panics on an RLE frame taller than Rows (pydicom's decoder then reads it,
+    # as DCMTK and GDCM do) and Rust prints the panic and a backtrace hint on stderr; pydicom
+    # warns there too. None of it may reach the bridge's log.
+    script = (
+        "import io, threading, pydicom\n"
+        "from bridge.decoding import DecoderPool, TranscodeOptions\n"
+        "from tests.transcode_support import bundled\n"
+        "ds = pydicom.dcmread(bundled('MR_small_RLE.dcm'))\n"
+        "ds.Rows = 32\n"
+        "out = io.BytesIO()\n"
+        "ds.save_as(out)\n"
+        "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
+        "print(len(pool.decode(out.getvalue()).data) > 32 * 64 * 2)\n"
+        "pool.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout == "True\n", done.stdout + done.stderr
+    assert done.stderr == ""
