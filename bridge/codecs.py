@@ -227,6 +227,10 @@ def split_frames(
     offsets: list[int] | None = extended_offsets
     if offsets is None and len(bot) >= 4:
         offsets = list(struct.unpack(f"<{len(bot) // 4}I", bot[: len(bot) // 4 * 4]))
+    if offsets and not _offsets_fit(offsets, {o for o, _ in fragments}, number_of_frames):
+        # A table whose offsets miss the fragments' item tags (all zeros, or off by the item
+        # headers): DCMTK and GDCM find the frames without it, and so does the bridge.
+        offsets = None
     if offsets:
         frames: list[list[memoryview]] = []
         bounds = [*offsets, 2**64]
@@ -257,6 +261,16 @@ def split_frames(
     return frames[:number_of_frames]
 
 
+def _offsets_fit(offsets: list[int], starts: set[int], number_of_frames: int) -> bool:
+    """Whether an offset table gives each frame a distinct fragment start, in order."""
+    return (
+        len(offsets) >= number_of_frames
+        and offsets[0] == 0
+        and all(b > a for a, b in itertools.pairwise(offsets))
+        and all(o in starts for o in offsets)
+    )
+
+
 def iter_decoded(
     frames: list[list[memoryview]], transfer_syntax: str, spec: PixelSpec
 ) -> Iterator[DecodedFrame]:
@@ -269,11 +283,13 @@ def iter_decoded(
         # Checked before any decoder sees it: decoders trust the codestream, allocate what it
         # declares and some crash their process on a mismatch (bridge.codestream).
         try:
-            end = check_frame(transfer_syntax, encoded, spec)
+            start, end = check_frame(transfer_syntax, encoded, spec)
         except DecodeError as exc:
             raise DecodeError(f"frame {index}: {exc}") from None
-        if end < len(encoded):
-            encoded = encoded[:end]  # padding after the end marker, which decoders need not see
+        if (start, end) != (0, len(encoded)):
+            # Decoders see the codestream alone: not the padding after its end marker, nor the
+            # boxes of a JP2 file around it (pydicom loops for ever on a box of length 0).
+            encoded = encoded[start:end]
         failures: list[str] = []
         for name in list(chain):
             if _noted_fd is not None:

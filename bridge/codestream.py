@@ -85,17 +85,21 @@ class Declared:
     components: int
     precision: int
     end: int  # offset just past the end marker: whatever follows is padding
+    start: int = 0  # where the codestream starts: a JP2 file's boxes come before it
 
 
-def check_frame(transfer_syntax: str, frame: bytes, spec: ImageHeader) -> int:
-    """Refuse a frame whose codestream is malformed or disagrees with the header; return the
-    length of the codestream without its padding (the whole frame for unchecked syntaxes)."""
+def check_frame(transfer_syntax: str, frame: bytes, spec: ImageHeader) -> tuple[int, int]:
+    """Refuse a frame whose codestream is malformed or disagrees with the header; return where
+    the codestream starts and ends within it (the whole frame for unchecked syntaxes)."""
     if transfer_syntax == _RLE:
         _check_rle(frame, spec)
-        return len(frame)
+        return 0, len(frame)
     declared = read_declared(transfer_syntax, frame)
     if declared is None:
-        return len(frame)
+        return 0, len(frame)
+    if transfer_syntax not in _J2K and spec.bits_allocated not in (8, 16):
+        # JPEG samples are at most 16 bits: GDCM aborts when asked for 24- or 64-bit cells.
+        raise DecodeError(f"BitsAllocated {spec.bits_allocated} cannot hold JPEG samples")
     for name, ours, theirs in (
         ("rows", declared.rows, spec.rows),
         ("columns", declared.columns, spec.columns),
@@ -111,7 +115,7 @@ def check_frame(transfer_syntax: str, frame: bytes, spec: ImageHeader) -> int:
             f"the codestream declares a precision of {declared.precision} bits, more than "
             f"BitsAllocated {spec.bits_allocated}"
         )
-    return declared.end
+    return declared.start, declared.end
 
 
 def read_declared(transfer_syntax: str, frame: bytes) -> Declared | None:
@@ -273,7 +277,7 @@ def _read_j2k(frame: bytes) -> Declared:
             _check_cod(frame[pos + 4 : pos + 2 + length])
         pos += 2 + length
     end = _tile_parts_end(frame, pos, start)
-    return Declared(ysiz - yosiz, xsiz - xosiz, components, precision, end)
+    return Declared(ysiz - yosiz, xsiz - xosiz, components, precision, end, start)
 
 
 def _check_cod(cod: bytes) -> None:

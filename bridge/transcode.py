@@ -188,6 +188,9 @@ def pixel_spec(dataset: Dataset, max_decoded_bytes: int) -> PixelSpec:
         raise DecodeError(f"BitsStored {bits_stored} is not within 1..{bits_allocated}")
     if not 0 < samples <= _MAX_SAMPLES or not 0 < frames <= _MAX_FRAMES:
         raise DecodeError(f"SamplesPerPixel {samples} or NumberOfFrames {frames} is absurd")
+    representation = int(dataset.get("PixelRepresentation", 0) or 0)
+    if representation not in (0, 1):
+        raise DecodeError(f"PixelRepresentation {representation} is neither 0 nor 1")
     if rows <= 0 or columns <= 0:
         raise DecodeError(f"image has {rows} rows and {columns} columns")
     spec = PixelSpec(
@@ -196,7 +199,7 @@ def pixel_spec(dataset: Dataset, max_decoded_bytes: int) -> PixelSpec:
         samples_per_pixel=samples,
         bits_allocated=bits_allocated,
         bits_stored=bits_stored,
-        pixel_representation=int(dataset.get("PixelRepresentation", 0) or 0),
+        pixel_representation=representation,
         photometric_interpretation=str(dataset.get("PhotometricInterpretation", "MONOCHROME2")),
         planar_configuration=int(dataset.get("PlanarConfiguration", 0) or 0),
         number_of_frames=frames,
