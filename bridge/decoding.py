@@ -314,7 +314,8 @@ class _Worker:
 
     def death(self) -> str:
         """Once killed: its exit code and, for a crash, where it happened."""
-        return f"exit code {self.process.exitcode}" + (f"; {self.crash()}" if self.crash() else "")
+        crash = self.crash()
+        return f"exit code {self.process.exitcode}" + (f"; {crash}" if crash else "")
 
 
 def _memory_file() -> int:

@@ -49,6 +49,16 @@ def pool(stop: threading.Event) -> Iterator[DecoderPool]:
     decoders.close()
 
 
+def python(script: str, stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """Run `script` in a new interpreter in the repository, its output captured as text."""
+    done = subprocess.run(
+        [sys.executable, "-c", script], input=stdin, cwd=REPO, capture_output=True, timeout=60
+    )
+    return subprocess.CompletedProcess(
+        done.args, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )
+
+
 def busy_worker(pool: DecoderPool, before: dict[int, float], dead: Sequence[int] = ()) -> int:
     """Wait until a worker has used 0.2 s more CPU than in `before`: the one decoding."""
 
@@ -216,9 +226,7 @@ def test_workers_that_cannot_be_started_fail_the_instance_without_looping() -> N
         "    print(exc)\n"
         "pool.close()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, timeout=60, capture_output=True, text=True
-    )
+    done = python(script)
     assert done.returncode == 0, done.stderr
     assert "died twice" in done.stdout or "in a row" in done.stdout, done.stdout
 
@@ -270,12 +278,10 @@ def test_memory_beyond_an_instance_allowance_fails_it_with_the_reason(slow: byte
         "        print(exc)\n"
         "numpy.ones(64 * 2**20, dtype=numpy.uint8)  # the limit is lifted after the instance\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], input=slow, cwd=REPO, capture_output=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr.decode()
-    assert "decoding needed more than the " in done.stdout.decode()
-    assert "MiB its process may use for it" in done.stdout.decode()
+    done = python(script, stdin=slow)
+    assert done.returncode == 0, done.stderr
+    assert "decoding needed more than the " in done.stdout
+    assert "MiB its process may use for it" in done.stdout
 
 
 def test_the_memory_allowance_follows_the_declared_size(slow: bytes) -> None:
@@ -320,8 +326,6 @@ def test_what_decoders_print_stays_out_of_the_output() -> None:
         "print(len(pool.decode(out.getvalue()).data) > 32 * 64 * 2)\n"
         "pool.close()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    done = python(script)
     assert done.returncode == 0 and done.stdout == "True\n", done.stdout + done.stderr
     assert done.stderr == ""
