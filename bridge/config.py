@@ -8,9 +8,10 @@ which overrides the file, so that secrets need not be written into it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -22,6 +23,9 @@ from bridge.errors import ConfigError
 
 RESET_POLICIES = ("stop", "rewind")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+# Next to Orthanc's 8042 (REST) and 4242 (DICOM); no common service listens there by default.
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8242"
 MIB = 1024 * 1024
 
 
@@ -38,6 +42,35 @@ class ServerConfig:
     def __post_init__(self) -> None:
         # Normalise once so that every request can append "/path" without doubling slashes.
         object.__setattr__(self, "url", self.url.rstrip("/"))
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The read-only HTTP server: metrics, health and the status page."""
+
+    listen: str  # "host:port"; "" when disabled
+    allow_anonymous: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) to bind, or None when the server is disabled."""
+        if not self.listen:
+            return None
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can connect."""
+        address = self.address
+        if address is None:
+            return True
+        try:
+            return ipaddress.ip_address(address[0]).is_loopback
+        except ValueError:
+            return address[0] == "localhost"
 
 
 @dataclass(frozen=True)
@@ -58,6 +91,11 @@ class Config:
     on_source_reset: str = "stop"
     catch_up_retry_seconds: float = 300.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    progress_interval: float = 10.0
+    http: HttpConfig = field(default_factory=lambda: HttpConfig(DEFAULT_HTTP_LISTEN))
+    # The file it was read from, for the commands the status page suggests.
+    path: Path | None = None
 
     @property
     def worker_count(self) -> int:
@@ -166,10 +204,42 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
             "catch_up_retry_seconds", float, defaults.catch_up_retry_seconds
         ),
         log_level=top.take("log_level", str, defaults.log_level).upper(),
+        log_format=top.take("log_format", str, defaults.log_format),
+        progress_interval=top.take("progress_interval", float, defaults.progress_interval),
+        http=_http(top, env),
     )
     top.finish()
     _check_ranges(config)
     return config
+
+
+def _http(top: _Section, env: Mapping[str, str]) -> HttpConfig:
+    listen = top.take("http_listen", str, DEFAULT_HTTP_LISTEN).strip()
+    username = top.take("http_username", str)
+    password = top.take("http_password", str)
+    http = HttpConfig(
+        listen,
+        allow_anonymous=top.take("http_allow_anonymous", bool, False),
+        username=env.get("BRIDGE_HTTP_USERNAME") or username,
+        password=env.get("BRIDGE_HTTP_PASSWORD") or password,
+    )
+    if listen:
+        host, colon, port = listen.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"http_listen: expected host:port such as {DEFAULT_HTTP_LISTEN}, or empty to "
+                f"disable the server, got {listen!r}"
+            )
+    if bool(http.username) != bool(http.password):
+        raise ConfigError(
+            "http_username: set both a user name and a password for the HTTP server, or neither"
+        )
+    if not http.loopback and not http.username and not http.allow_anonymous:
+        raise ConfigError(
+            f"http_listen: {listen} is reachable from other machines: set BRIDGE_HTTP_USERNAME "
+            "and BRIDGE_HTTP_PASSWORD (basic auth), or http_allow_anonymous: true"
+        )
+    return http
 
 
 def _uid_list(top: _Section, key: str) -> list[str]:
@@ -195,6 +265,11 @@ def _check_ranges(config: Config) -> None:
             f"on_source_reset: expected one of {', '.join(RESET_POLICIES)}, "
             f"got {config.on_source_reset!r}"
         )
+    _positive("progress_interval", config.progress_interval)
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(
+            f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {config.log_format!r}"
+        )
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(
             f"log_level: expected one of {', '.join(LOG_LEVELS)}, got {config.log_level!r}"
@@ -212,6 +287,6 @@ def load(path: Path, env: Mapping[str, str] | None = None) -> Config:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return parse(raw, path.resolve().parent, env)
+        return replace(parse(raw, path.resolve().parent, env), path=path.resolve())
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

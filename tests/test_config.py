@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bridge.config import Config, ServerConfig, load, parse
+from bridge.config import Config, HttpConfig, ServerConfig, load, parse
 from bridge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +20,9 @@ def test_shipped_file_loads_and_documents_every_key() -> None:
     assert config.source.url == "http://localhost:8042"
     assert config.state_dir == REPO / "state"
     raw = yaml.safe_load((REPO / "bridge.yaml").read_text())
-    top = {f.name for f in dataclasses.fields(Config)}
+    # Config.http gathers the http_* keys; Config.path is where the file was read from.
+    http = {f"http_{f.name}" for f in dataclasses.fields(HttpConfig)}
+    top = {f.name for f in dataclasses.fields(Config)} - {"http", "path"} | http
     server = {f.name for f in dataclasses.fields(ServerConfig)}
     assert set(raw) == top
     assert set(raw["source"]) == server
@@ -43,6 +45,11 @@ def test_shipped_file_loads_and_documents_every_key() -> None:
         ({**BASE, "target": {"url": "http://a:8042"}}, "target.url: must differ"),
         ({**BASE, "forward_unchanged": ["mpeg"]}, "forward_unchanged: expected transfer syntax"),
         ([1, 2], "expected a mapping"),
+        ({**BASE, "log_format": "xml"}, "log_format: expected one of text, json"),
+        ({**BASE, "http_listen": "8242"}, "http_listen: expected host:port"),
+        ({**BASE, "http_listen": "0.0.0.0:8242"}, "http_listen: 0.0.0.0:8242 is reachable"),
+        ({**BASE, "http_password": "x"}, "http_username: set both"),
+        ({**BASE, "progress_interval": 0}, "progress_interval: must be greater than 0"),
     ],
 )
 def test_bad_values_name_the_key(raw: object, message: str) -> None:
@@ -56,6 +63,17 @@ def test_secrets_from_environment_override_and_stay_out_of_repr() -> None:
     assert (config.source.username, config.source.password) == ("bridge", "s3cret")
     assert "s3cret" not in repr(config)
     assert config.target.username is None
+
+
+def test_http_server_beyond_loopback_needs_credentials_or_consent() -> None:
+    wide = {**BASE, "http_listen": "0.0.0.0:9000"}
+    with_auth = parse(wide, REPO, env={"BRIDGE_HTTP_USERNAME": "u", "BRIDGE_HTTP_PASSWORD": "p"})
+    assert with_auth.http.address == ("0.0.0.0", 9000)
+    assert with_auth.http.password == "p" and "'p'" not in repr(with_auth)
+    anonymous = parse({**wide, "http_allow_anonymous": True}, REPO, env={})
+    assert anonymous.http.username is None
+    assert parse({**BASE, "http_listen": "[::1]:9000"}, REPO, env={}).http.loopback
+    assert parse({**BASE, "http_listen": ""}, REPO, env={}).http.address is None
 
 
 def test_relative_state_dir_is_taken_from_the_file(tmp_path: Path) -> None:
