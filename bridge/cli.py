@@ -19,13 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from bridge import __version__
+from bridge import __version__, logs, progress
 from bridge.config import Config, load
 from bridge.errors import BridgeError, ConfigError, StateError
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline, Summary
 from bridge.retry import RetryPolicy, no_retry
+from bridge.sdnotify import Watchdog
 from bridge.state import PENDING, PROBLEMS, State
+from bridge.web import WebServer
 
 log = logging.getLogger("bridge")
 
@@ -43,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load(Path(args.config))
-        _setup_logging("DEBUG" if args.verbose else config.log_level)
+        logs.setup("DEBUG" if args.verbose else config.log_level, config.log_format)
         command: Callable[[argparse.Namespace, Config], int] = args.command
         return command(args, config)
     except ConfigError as exc:
@@ -84,16 +86,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # urllib3 logs every retry and connection at DEBUG/WARNING; our own messages say more.
-    logging.getLogger("urllib3").setLevel(logging.ERROR)
-
-
 def _fail(message: str) -> None:
     print(f"orthanc-bridge: error: {message}", file=sys.stderr)
 
@@ -132,16 +124,26 @@ def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, Orthanc
 Work = Callable[[Pipeline, OrthancClient, OrthancClient], Summary]
 
 
-def _with_pipeline(config: Config, forever: bool, work: Work) -> Summary:
+def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
+    """Run `work` on a pipeline, with the HTTP server, health probes and systemd's watchdog."""
     stop = threading.Event()
+    forever = command == "run"
     retry = RetryPolicy(stop, max_wait=None if forever else config.catch_up_retry_seconds)
     source, target = _clients(config, retry)
     state = State(config.state_dir)
     with _stop_on_signals(stop):
         pipeline = Pipeline(config, state, source, target, stop)
+        web = WebServer(config, command, pipeline)
+        watchdog = Watchdog(pipeline.health.liveness, lambda: pipeline.mode)
         try:
+            web.start()
+            pipeline.health.start()
+            watchdog.start()
             return work(pipeline, source, target)
         finally:
+            watchdog.close()
+            web.close()
+            pipeline.health.close()
             pipeline.close()
             state.close()
             source.close()
@@ -156,7 +158,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         config.target.url,
         config.worker_count,
     )
-    summary = _with_pipeline(config, True, lambda pipeline, _s, _t: pipeline.follow(forever=True))
+    summary = _with_pipeline(config, "run", lambda pipeline, _s, _t: pipeline.follow(forever=True))
     if summary.stopped_by:
         _fail(summary.stopped_by)
         return EXIT_SOURCE_RESET if summary.source_reset else EXIT_SERVER
@@ -167,12 +169,33 @@ def _run(args: argparse.Namespace, config: Config) -> int:
 def _one_shot(what: str, config: Config, work: Work) -> int:
     """Run `work` once, with bounded retries, then print its summary and choose the exit code."""
     started = time.monotonic()
-    summary = _with_pipeline(config, False, work)
+    summary = _with_pipeline(config, what, work)
     return _report(what, summary, time.monotonic() - started)
 
 
 def _catch_up(args: argparse.Namespace, config: Config) -> int:
-    return _one_shot("catch-up", config, lambda pipeline, _s, _t: pipeline.follow(forever=False))
+    def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
+        start = pipeline.cursor
+
+        def read() -> tuple[int, int]:
+            last = pipeline.source_last
+            return pipeline.cursor - start, max(0, last - start) if last else 0
+
+        with progress.shown("catch-up", "changes", read, config.progress_interval):
+            return pipeline.follow(forever=False)
+
+    return _one_shot("catch-up", config, work)
+
+
+def _process(pipeline: Pipeline, what: str, ids: list[str], interval: float) -> Summary:
+    """Process `ids` with a progress report: `retry` and `reconcile`."""
+    pipeline.mode = what
+
+    def read() -> tuple[int, int]:
+        return sum(pipeline.summary.counts.values()), len(ids)
+
+    with progress.shown(what, "instances", read, interval):
+        return pipeline.process(ids)
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
@@ -181,7 +204,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
         # pending; without this, no later retry would ever pick them up again.
         ids = pipeline.state.requeue((*PROBLEMS, PENDING))
         log.info("retrying %d instances", len(ids))
-        return pipeline.process(ids)
+        return _process(pipeline, "retrying", ids, config.progress_interval)
 
     return _one_shot("retry", config, work)
 
@@ -190,7 +213,7 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
     def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
         missing = sorted(set(source.instance_ids()) - set(target.instance_ids()))
         log.info("the target lacks %d of the source's instances", len(missing))
-        return pipeline.process(missing)
+        return _process(pipeline, "reconciling", missing, config.progress_interval)
 
     return _one_shot("reconcile", config, work)
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from bridge import zygote
+from bridge import metrics, zygote
 from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted
 from bridge.limits import address_space_limited, memory_allowance, time_allowance
 
@@ -360,6 +360,7 @@ class DecoderPool:
         self._stop = stop
         self._changed = threading.Condition()
         self._closed = False
+        self.restarts = 0  # processes replaced after dying or taking too long
         # Instances sent to each live worker and not yet answered. Started now, while the
         # feed's first page is being read, not on the first instance.
         self._load = {_Worker(options): 0 for _ in range(workers)}
@@ -433,10 +434,17 @@ class DecoderPool:
                 log.warning("a decoding process was stopped: %s; starting a new one", why)
             else:
                 log.warning("a decoding process died (%s); starting a new one", worker.death())
+            self.restarts += 1
+            metrics.DECODER_RESTARTS.inc()
             successor = worker.successor = _Worker(self._options)
             # Its callers move to the successor with their instances.
             self._load[successor] = self._load.pop(worker)
             return successor
+
+    def alive(self) -> int:
+        """How many decoding processes are in service (a death is noticed at its next use)."""
+        with self._changed:
+            return 0 if self._closed else sum(not w.broken for w in self._load)
 
     def pids(self) -> list[int]:
         """The process IDs of the live workers."""

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bridge.errors import FeedResetError
-from bridge.orthanc import OrthancClient
+from bridge.orthanc import ChangesPage, OrthancClient
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,15 @@ def follow(
     stop: threading.Event,
     poll_interval: float,
     forever: bool,
+    on_page: Callable[[ChangesPage], None] = lambda page: None,
 ) -> Iterator[Event]:
-    """Yield events after `since`; stop at the end of the log unless `forever`."""
+    """Yield events after `since`; stop at the end of the log unless `forever`.
+
+    `on_page` sees every page as it arrives, the empty ones of an idle source included.
+    """
     while not stop.is_set():
         page = client.changes(since, page_size)
+        on_page(page)
         if not page.changes and page.last < since:
             raise FeedResetError(
                 f"the source's change log ends at {page.last} but the cursor is at {since}: "

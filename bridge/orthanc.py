@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode
@@ -18,8 +19,16 @@ from urllib.parse import urlencode
 import requests
 import urllib3
 
+from bridge import metrics
 from bridge.config import ServerConfig
-from bridge.errors import AccessDenied, ConfigError, NotFound, Rejected, ServerUnavailable
+from bridge.errors import (
+    AccessDenied,
+    BridgeError,
+    ConfigError,
+    NotFound,
+    Rejected,
+    ServerUnavailable,
+)
 from bridge.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -86,6 +95,31 @@ class OrthancClient:
             server.url, requests.utils.get_environ_proxies(server.url)
         )
         self._http = self._manager(10)
+        # Monotonic times of the latest good answer and the latest failure (unreachable,
+        # timeout, 5xx, credentials refused), for health checks and the status page.
+        self.last_answer: float | None = None
+        self.last_failure: float | None = None
+        self.last_error: str | None = None
+
+    @property
+    def up(self) -> bool | None:
+        """True when the latest answer was a good one; None before any request."""
+        if self.last_failure is None:
+            return None if self.last_answer is None else True
+        return self.last_answer is not None and self.last_answer > self.last_failure
+
+    def _answered(self) -> None:
+        self.last_answer = time.monotonic()
+        metrics.SERVER_UP.labels(self.role).set(1)
+
+    def _failed(self, error: BridgeError) -> None:
+        self.last_error = str(error)
+        self.last_failure = time.monotonic()
+        metrics.SERVER_UP.labels(self.role).set(0)
+
+    def probe(self) -> None:
+        """One request, never retried, that proves the server answers (health checks)."""
+        self._once("GET", "/system", f"{self.role} Orthanc (health check)")
 
     def _manager(self, connections: int) -> urllib3.PoolManager:
         tls = _tls_options(self.server.verify_tls)
@@ -133,7 +167,9 @@ class OrthancClient:
         """The stored DICOM file of `instance`, byte for byte."""
         # Asked without Accept-Encoding, so not gzipped: compressed pixel data does not
         # shrink, and gzip would cost CPU on both sides of what is usually a LAN or loopback.
-        return self._call("GET", f"/instances/{instance}/file", what=f"download {instance}")
+        data = self._call("GET", f"/instances/{instance}/file", what=f"download {instance}")
+        metrics.BYTES.labels("downloaded").inc(len(data))
+        return data
 
     def upload(self, data: bytes | bytearray) -> Stored:
         """Store a DICOM file; Orthanc answers Success or AlreadyStored."""
@@ -146,6 +182,7 @@ class OrthancClient:
         )
         if not isinstance(body, dict) or "ID" not in body:
             raise Rejected(f"{self.role} Orthanc: unexpected answer to an upload: {body!r:.200}")
+        metrics.BYTES.labels("uploaded").inc(len(data))
         return Stored(str(body["ID"]), str(body.get("Status", "")))
 
     def transfer_syntax(self, instance: str) -> str | None:
@@ -195,9 +232,22 @@ class OrthancClient:
     def _call(self, method: str, path: str, what: str | None = None, **kwargs: Any) -> bytes:
         """The body of a successful answer, with retries as the policy declares them."""
         label = f"{self.role} Orthanc ({what or method + ' ' + path})"
-        return self.retry.call(lambda: self._once(method, path, label, **kwargs))
+        return self.retry.call(lambda: self._once(method, path, label, **kwargs), self.role)
 
-    def _once(
+    def _once(self, method: str, path: str, label: str, **kwargs: Any) -> bytes:
+        """One request and its answer, noting whether the server answered well."""
+        try:
+            data = self._request(method, path, label, **kwargs)
+        except (ServerUnavailable, AccessDenied) as exc:
+            self._failed(exc)
+            raise
+        except Rejected:
+            self._answered()  # an answer, if not the one hoped for (404 for a deleted instance)
+            raise
+        self._answered()
+        return data
+
+    def _request(
         self,
         method: str,
         path: str,

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 
-from bridge import feed
+from bridge import feed, metrics
 from bridge.budget import ByteBudget
 from bridge.config import MIB, Config
 from bridge.decoding import DecoderPool, TranscodeOptions
 from bridge.errors import AccessDenied, FeedResetError, Interrupted, TransientError
 from bridge.header import decoded_size
-from bridge.orthanc import OrthancClient
+from bridge.health import Health, Throughput
+from bridge.metrics import WAITING
+from bridge.orthanc import ChangesPage, OrthancClient
 from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.transfer import Transfer
 
@@ -58,6 +60,12 @@ class Progress:
         self._lock = threading.Lock()
         self._inflight: set[int] = set()
         self._scanned = self._saved = state.cursor()
+        metrics.feed_position(cursor=self._saved)
+
+    @property
+    def cursor(self) -> int:
+        """The durable cursor."""
+        return self._saved
 
     def start(self, seq: int) -> None:
         """A change is dispatched; the cursor must not pass it until it finishes."""
@@ -84,6 +92,7 @@ class Progress:
         with self._lock:
             self._scanned = self._saved = 0
             self._state.set_cursor(0)
+        metrics.feed_position(cursor=0)
 
     def _advance(self) -> int | None:
         """The new cursor, or None when it has not moved."""
@@ -91,6 +100,7 @@ class Progress:
         if cursor <= self._saved:
             return None
         self._saved = cursor
+        metrics.feed_position(cursor=cursor)
         return cursor
 
 
@@ -139,6 +149,44 @@ class Pipeline:
             lambda data: decoded_size(data, max_decoded) or 0,
         )
         self._progress = Progress(state)
+        self.health = Health(source, target, state, config.poll_interval)
+        self.throughput = Throughput()
+        # What the status page says the bridge is doing; the commands set it.
+        self.mode = "starting"
+        self.source_last = 0
+        self.total = 0  # instances to process, for `retry` and `reconcile`
+        metrics.watch(
+            ledger=lambda: state.count_in(WAITING),
+            inflight=self.inflight,
+            decoders=self.decoders_alive,
+        )
+
+    @property
+    def cursor(self) -> int:
+        """The durable cursor: every change up to it is finished."""
+        return self._progress.cursor
+
+    def inflight(self) -> tuple[int, int]:
+        """Instances in flight and the bytes they hold."""
+        return len(self._pending), self._budget.used
+
+    def decoders_alive(self) -> int:
+        """Decoding processes in service."""
+        return self._decoder.alive()
+
+    def decoder_restarts(self) -> int:
+        """Decoding processes replaced since the start."""
+        return self._decoder.restarts
+
+    @property
+    def inflight_limit(self) -> int:
+        """max_inflight_mb in bytes."""
+        return self._budget.limit
+
+    @property
+    def decoders_configured(self) -> int:
+        """The decoding processes the pipeline keeps."""
+        return self.config.worker_count
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -178,8 +226,9 @@ class Pipeline:
             if self.source.transfer_syntax(entry.instance_id) is None:
                 self.state.record(replace(entry, state=CONVERTED, deleted_original=True))
 
-    def process(self, instance_ids: Iterable[str]) -> Summary:
+    def process(self, instance_ids: Sequence[str]) -> Summary:
         """Process instances by ID, outside the change log (for `retry` and `reconcile`)."""
+        self.total = len(instance_ids)
         for iid in instance_ids:
             if self.stop.is_set():
                 break
@@ -202,6 +251,7 @@ class Pipeline:
             stop=self.stop,
             poll_interval=self.config.poll_interval,
             forever=forever,
+            on_page=self._polled,
         )
         for event in events:
             if self.stop.is_set():
@@ -213,9 +263,16 @@ class Pipeline:
             else:
                 self._dispatch(event, tracked=True)
 
+    def _polled(self, page: ChangesPage) -> None:
+        self.health.beat()
+        self.source_last = page.last
+        metrics.feed_position(last=page.last)
+        self.mode = "following the source" if page.done else "catching up"
+
     def _dispatch(self, item: feed.NewInstance, tracked: bool) -> None:
         # Bounded: the feed waits here rather than queueing the whole change log in memory.
         while not self._slots.acquire(timeout=0.2):
+            self.health.beat()  # waiting for room is not being stuck
             if self.stop.is_set():
                 return
         if tracked:
@@ -251,6 +308,8 @@ class Pipeline:
         else:
             self.state.record(entry)
         self.summary.add(entry)
+        metrics.count_instance(entry.state, entry.source_syntax)
+        self.throughput.add()
 
     def _give_up(self, exc: TransientError | AccessDenied) -> None:
         """Stop everything: a server stayed down past the retry bound, or refuses us."""
@@ -268,6 +327,6 @@ class Pipeline:
                 pending = list(self._pending)
             if not pending:
                 break
-            for future in pending:
-                future.result()
+            self.health.beat()
+            wait(pending, timeout=1.0)
         self.summary.peak_inflight_bytes = max(self.summary.peak_inflight_bytes, self._budget.peak)

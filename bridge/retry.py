@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import tenacity
 
+from bridge import metrics
 from bridge.errors import TransientError
 
 log = logging.getLogger(__name__)
@@ -30,12 +31,18 @@ class RetryPolicy:
     initial: float = 0.5
     longest: float = 30.0
 
-    def call(self, fn: Callable[[], T]) -> T:
+    def call(self, fn: Callable[[], T], server: str | None = None) -> T:
         """Run `fn`, retrying TransientError; re-raise the last one when the policy gives up.
 
         Each retry is logged with the error's own message, which names the call (the HTTP
-        client's errors all do).
+        client's errors all do), and counted in orthanc_bridge_retries_total{server}.
         """
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            if server is not None:
+                metrics.RETRIES.labels(server).inc()
+            _log_retry(state)
+
         give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stop)
         if self.max_wait is not None:
             give_up = give_up | tenacity.stop_after_delay(self.max_wait)
@@ -44,7 +51,7 @@ class RetryPolicy:
             wait=tenacity.wait_random_exponential(multiplier=self.initial, max=self.longest),
             stop=give_up,
             sleep=tenacity.nap.sleep_using_event(self.stop),
-            before_sleep=_log_retry,
+            before_sleep=before_sleep,
             reraise=True,
         )
         return retrying(fn)

@@ -26,6 +26,8 @@ UNSUPPORTED = "unsupported"  # cannot become native pixels: kept in the source
 VANISHED = "vanished"  # deleted from the source before the bridge got to it
 PENDING = "pending"  # re-queued by `retry`
 DELETING = "deleting"  # verified in the target; deleting the original was under way
+# Below this, a write may fail for want of room (a WAL checkpoint needs some).
+_MIN_FREE_BYTES = 16 * 1024 * 1024
 FINISHED = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED)
 PROBLEMS = (FAILED, UNSUPPORTED)
 
@@ -186,6 +188,29 @@ class State:
         """How many instances are in each state."""
         rows = self._query("SELECT state, count(*) FROM instances GROUP BY state")
         return {str(state): int(str(n)) for state, n in rows}
+
+    def count_in(self, states: tuple[str, ...]) -> dict[str, int]:
+        """How many instances are in each of `states` (read through the state index)."""
+        marks = ",".join("?" * len(states))
+        rows = self._query(
+            f"SELECT state, count(*) FROM instances WHERE state IN ({marks}) GROUP BY state",
+            states,
+        )
+        return {str(state): int(str(n)) for state, n in rows}
+
+    def writable(self) -> str | None:
+        """None when a write would succeed now, else why not (read-only, locked, disk full)."""
+        try:
+            free = os.statvfs(self.dir)
+            if free.f_bavail * free.f_frsize < _MIN_FREE_BYTES:
+                return f"the disk holding {self.dir} is full"
+            with self._lock:
+                # Takes the write lock and gives it back: proves the file can be written.
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("ROLLBACK")
+        except (OSError, sqlite3.Error) as exc:
+            return f"cannot write the state in {self.dir}: {exc}"
+        return None
 
     def entries(self, states: tuple[str, ...], limit: int = 1000) -> list[Entry]:
         """The most recently updated entries in the given states."""

@@ -25,6 +25,7 @@ from bridge.errors import (
     VerificationFailed,
 )
 from bridge.feed import NewInstance
+from bridge.metrics import STAGE
 from bridge.orthanc import OrthancClient
 from bridge.state import (
     CONVERTED,
@@ -71,9 +72,14 @@ class Transfer:
         iid = item.instance_id
         self.budget.wait_for_room()
         try:
-            data = self.source.download(iid)
+            with STAGE["download"].time():
+                data = self.source.download(iid)
         except NotFound:
-            log.warning("instance %s: deleted from the source before it was converted", iid)
+            log.warning(
+                "instance %s: deleted from the source before it was converted",
+                iid,
+                extra=_event(iid, VANISHED, None, started),
+            )
             return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
         syntax: str | None = None
         with self.budget.holding() as holding:
@@ -81,7 +87,8 @@ class Transfer:
             # worker has decoded it, its transfer thread must read it whatever the budget says.
             holding.set(len(data) + self.decoded_size(data))
             try:
-                result = self.decode(data)
+                with STAGE["decode"].time():
+                    result = self.decode(data)
                 syntax = result.source_syntax
                 # Only the converted copy is needed from here: free the original's share.
                 del data
@@ -91,11 +98,21 @@ class Transfer:
                 self._store(iid, result, expected)
             except UnsupportedSyntax as exc:
                 reason = _one_line(exc)
-                log.error("instance %s: kept in the source, unsupported: %s", iid, reason)
+                log.error(
+                    "instance %s: kept in the source, unsupported: %s",
+                    iid,
+                    reason,
+                    extra=_event(iid, UNSUPPORTED, syntax, started),
+                )
                 return Entry(iid, item.seq, UNSUPPORTED, syntax, reason, _since(started))
             except PermanentError as exc:
                 reason = _one_line(exc)
-                log.error("instance %s: kept in the source, failed: %s", iid, reason)
+                log.error(
+                    "instance %s: kept in the source, failed: %s",
+                    iid,
+                    reason,
+                    extra=_event(iid, FAILED, syntax, started),
+                )
                 return Entry(iid, item.seq, FAILED, syntax, reason, _since(started))
         del result  # the target holds it now
         deleted = False
@@ -103,7 +120,8 @@ class Transfer:
             # Deleting the original also deletes its change row: if the bridge dies right
             # after, nothing would ever bring the instance back to the ledger. Note it first.
             self.record(Entry(iid, item.seq, DELETING, syntax, None, _since(started)))
-            self.source.delete(iid)
+            with STAGE["delete"].time():
+                self.source.delete(iid)
             deleted = True
         state = FORWARDED if expected != EXPLICIT_VR_LITTLE_ENDIAN else CONVERTED
         seconds = _since(started)
@@ -114,18 +132,21 @@ class Transfer:
             syntax,
             seconds * 1000,
             ", original deleted" if deleted else "",
+            extra=_event(iid, state, syntax, started),
         )
         return Entry(iid, item.seq, state, syntax, None, seconds, deleted)
 
     def _store(self, iid: str, result: Transcoded, expected: str) -> None:
-        stored = self.target.upload(result.data)
+        with STAGE["upload"].time():
+            stored = self.target.upload(result.data)
         if stored.instance_id != iid:
             # Same UIDs, yet another ID: Orthanc read an identifier differently in the two
             # files (e.g. a PatientID stored with VR UN in the original). Verify that copy.
             log.warning("instance %s: the target files it as %s", iid, stored.instance_id)
         if stored.status == "Success" and self._keeps_what_it_gets and not self.delete_original:
             return
-        held = self.target.transfer_syntax(stored.instance_id)
+        with STAGE["verify"].time():
+            held = self.target.transfer_syntax(stored.instance_id)
         if held == expected and stored.status == "Success":
             self._keeps_what_it_gets = True
         if held != expected and stored.status == "AlreadyStored":
@@ -148,6 +169,16 @@ class Transfer:
 
 def _since(started: float) -> float:
     return time.monotonic() - started
+
+
+def _event(iid: str, outcome: str, syntax: str | None, started: float) -> dict[str, object]:
+    """The fields of an instance's outcome that JSON logs carry (bridge.logs)."""
+    return {
+        "instance": iid,
+        "outcome": outcome,
+        "source_syntax": syntax,
+        "ms": round(_since(started) * 1000),
+    }
 
 
 def _one_line(exc: Exception) -> str:

@@ -4,7 +4,8 @@
 # As root, or as a user with sudo. Debian packages: orthanc (the real servers the tests run),
 # dcmtk (storescp, the workstation), libgdcm-tools (gdcmconv, an independent decoder),
 # docker-compose (validates deploy/docker-compose.yml; no docker engine needed), openssl
-# (a certificate for the HTTPS test) and python3-venv. Then .venv with the project and its [test,gpl] extras.
+# (a certificate for the HTTPS test), chromium (the status page test renders the page in a real
+# browser) and python3-venv. Then .venv with the project and its [test,gpl] extras.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -22,6 +23,7 @@ missing_packages() {
     command -v gdcmconv >/dev/null || echo libgdcm-tools
     command -v docker-compose >/dev/null || echo docker-compose
     command -v openssl >/dev/null || echo openssl
+    command -v chromium >/dev/null || echo chromium
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
 }
 

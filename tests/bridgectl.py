@@ -15,7 +15,7 @@ import pydicom
 import yaml
 from pydicom.uid import generate_uid
 
-from tests.orthanc import OrthancServer, pydicom_test_files
+from tests.orthanc import OrthancServer, free_ports, pydicom_test_files
 from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,11 +30,19 @@ def write_config(workdir: Path, source: OrthancServer, target: OrthancServer, **
         "workers": 2,
         "poll_interval": 0.1,
         "catch_up_retry_seconds": 20,
+        # Its own port: tests run bridges side by side, and the server is on in every one.
+        "http_listen": f"127.0.0.1:{free_ports(1)[0]}",
     }
     config.update(extra)
     path = workdir / "bridge.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def http_url(config: Path) -> str:
+    """The base URL of the HTTP server of the bridge that `config` describes."""
+    listen = yaml.safe_load(config.read_text())["http_listen"]
+    return f"http://{listen}"
 
 
 def env(source: OrthancServer, target: OrthancServer) -> dict[str, str]:

@@ -17,11 +17,18 @@ def wait_for(
     timeout: float,
     what: str,
     interval: float = POLL_INTERVAL,
+    ignore: tuple[type[Exception], ...] = (),
 ) -> T:
-    """Poll `condition` until it returns something truthy, and return that, or TimeoutError."""
+    """Poll `condition` until it returns something truthy, and return that, or TimeoutError.
+
+    Exceptions of the `ignore` types count as "not yet" (a server still starting).
+    """
     deadline = time.monotonic() + timeout
     while True:
-        result = condition()
+        try:
+            result = condition()
+        except ignore:
+            result = None
         if result:
             return result
         if time.monotonic() >= deadline:
