@@ -5,7 +5,9 @@
 # dcmtk (storescp, the workstation), libgdcm-tools (gdcmconv, an independent decoder),
 # docker-compose (validates deploy/docker-compose.yml; no docker engine needed), openssl
 # (a certificate for the HTTPS test), chromium (the status page test renders the page in a real
-# browser) and python3-venv. Then .venv with the project and its [test,gpl] extras.
+# browser), systemd (systemd-analyze verifies the unit file), prometheus (its promtool checks
+# deploy/monitoring; the server itself is never started) and python3-venv. Then .venv
+# with the project and its [test,gpl] extras.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,11 +26,13 @@ missing_packages() {
     command -v docker-compose >/dev/null || echo docker-compose
     command -v openssl >/dev/null || echo openssl
     command -v chromium >/dev/null || echo chromium
+    command -v systemd-analyze >/dev/null || echo systemd
+    command -v promtool >/dev/null || echo prometheus
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
 }
 
 # Debian starts a service right after installing it; policy-rc.d forbids that meanwhile,
-# so the packaged Orthanc never binds 8042 behind the tests' back.
+# so the packaged Orthanc never binds 8042 (nor Prometheus 9090) behind the tests' back.
 install_packages() {
     local added_policy=0
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -49,16 +53,18 @@ install_packages() {
     return "$status"
 }
 
-# In case the service was started anyway (an earlier install, a policy-rc.d that allowed it).
-disable_orthanc_service() {
-    [ -e /etc/init.d/orthanc ] || [ -e /lib/systemd/system/orthanc.service ] || return 0
+# Stop and disable a packaged service ($1) in case it was started anyway (an earlier install, a
+# policy-rc.d that allowed it) and so that it never starts at boot: the tests start their own.
+disable_service() {
+    local name=$1
+    [ -e "/etc/init.d/$name" ] || [ -e "/lib/systemd/system/$name.service" ] || return 0
     if [ -d /run/systemd/system ]; then
-        "${SUDO[@]}" systemctl disable --now orthanc >/dev/null 2>&1 || true
+        "${SUDO[@]}" systemctl disable --now "$name" >/dev/null 2>&1 || true
     else
-        if [ -x /etc/init.d/orthanc ] && "${SUDO[@]}" /etc/init.d/orthanc status >/dev/null 2>&1; then
-            "${SUDO[@]}" /etc/init.d/orthanc stop || true
+        if [ -x "/etc/init.d/$name" ] && "${SUDO[@]}" "/etc/init.d/$name" status >/dev/null 2>&1; then
+            "${SUDO[@]}" "/etc/init.d/$name" stop || true
         fi
-        "${SUDO[@]}" update-rc.d orthanc disable >/dev/null 2>&1 || true
+        "${SUDO[@]}" update-rc.d "$name" disable >/dev/null 2>&1 || true
     fi
 }
 
@@ -67,7 +73,8 @@ if [ "${#packages[@]}" -gt 0 ]; then
     echo "setup: installing ${packages[*]}"
     install_packages "${packages[@]}"
 fi
-disable_orthanc_service
+disable_service orthanc
+disable_service prometheus
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $("$PYTHON" --version)"
