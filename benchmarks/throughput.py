@@ -1,7 +1,8 @@
 """Throughput of the bridge against the naive loop and against the machine's limits.
 
 Run as `python benchmarks/throughput.py [--count N] [--workers W] [--repeat R] [--grow]
-[--only naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge] [--json out.json]`.
+[--only naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,observed]
+[--json out.json]`.
 
 One corpus of CT-like 512x512 16-bit slices (smooth anatomy plus noise, -1000..2000 HU stored
 with RescaleIntercept -1024), JPEG 2000 lossless, generated once and cached in the temp
@@ -24,7 +25,11 @@ timed), every variant writes into a fresh, empty B. Measured, on the same corpus
           as copy, but uploading the decoded file of each instance (computed beforehand): the
           servers' limit for the traffic the bridge really makes (3x more bytes to upload)
   bridge  `python -m bridge catch-up -c bridge.yaml` as a subprocess, fresh state, its wall time
-          from start to exit (interpreter start-up, process pool start-up included)
+          from start to exit (interpreter start-up, process pool start-up included), with its
+          HTTP server off (http_listen: "")
+  bridge (observed)
+          the same with the HTTP server on, /metrics scraped every second and the status page
+          loaded every 5 s while it runs (Prometheus scrapes every 15 s by default)
 
 limit = 1 / (1/copy + 1/decode): the servers and the decoders share the same cores, so their
 costs add up; the same with copy (decoded upload) gives the limit for the bridge's own traffic.
@@ -71,7 +76,7 @@ if str(REPO) not in sys.path:
 
 from bridge.decoding import DecoderPool, TranscodeOptions  # noqa: E402
 from bridge.orthanc import instance_id  # noqa: E402
-from tests.orthanc import OrthancServer, cpu_seconds  # noqa: E402
+from tests.orthanc import OrthancServer, cpu_seconds, free_ports  # noqa: E402
 from tests.transcode_support import j2k_monochrome  # noqa: E402
 
 SIZE = 512
@@ -437,15 +442,19 @@ def bridge(
     workers: int | None,
     workdir: Path,
     label: str = "bridge",
+    observed: bool = False,
 ) -> Result:
-    """`python -m bridge catch-up` on a fresh state directory, memory sampled over its tree."""
+    """`python -m bridge catch-up` on a fresh state directory, memory sampled over its tree;
+    `observed`: with its HTTP server on, scraped while it runs."""
     run_dir = workdir / f"bridge-{label}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
+    port = free_ports(1)[0]
     config: dict[str, Any] = {
         "source": {"url": source.url},
         "target": {"url": target.url},
         "state_dir": str(run_dir / "state"),
+        "http_listen": f"127.0.0.1:{port}" if observed else "",
     }
     if workers:
         config["workers"] = workers
@@ -455,7 +464,7 @@ def bridge(
     with log.open("wb") as out:
         started, wall_clock = time.monotonic(), time.time()
         process = subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        with TreeMemory(process.pid) as memory:
+        with TreeMemory(process.pid) as memory, Scraper(port, observed) as scraper:
             status = process.wait()
         seconds = _since(started)
     if status != 0:
@@ -483,8 +492,44 @@ def bridge(
             "cpu_s": {"bridge": memory.cpu},
             "first_converted_after_s": done[0] - wall_clock if done else None,
             "steady_instances_per_s": steady,
+            "scrapes": scraper.counts,
         },
     )
+
+
+class Scraper:
+    """Scrapes /metrics every second and loads / every 5 s, as monitoring and a person would."""
+
+    def __init__(self, port: int, enabled: bool) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.enabled = enabled
+        self.counts = {"metrics": 0, "page": 0, "refused": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.enabled:
+            self._thread.join()
+
+    def _run(self) -> None:
+        tick = 0
+        with requests.Session() as session:
+            while not self._stop.wait(1.0):
+                tick += 1
+                for path, key in (("/metrics", "metrics"), ("/", "page")):
+                    if key == "page" and tick % 5:
+                        continue
+                    try:
+                        session.get(self.base + path, timeout=5).raise_for_status()
+                        self.counts[key] += 1
+                    except requests.RequestException:
+                        self.counts["refused"] += 1  # not listening yet, or already gone
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -571,6 +616,8 @@ def _ratios(rounds: list[dict[str, Result]]) -> dict[str, list[float]]:
                 found["bridge_over_naive_plain"] = bridge_run.rate / runs["naive (no gzip)"].rate
             if "naive (gdcm)" in runs:
                 found["bridge_over_naive_gdcm"] = bridge_run.rate / runs["naive (gdcm)"].rate
+            if "bridge (observed)" in runs:
+                found["observed_over_bridge"] = runs["bridge (observed)"].rate / bridge_run.rate
         for key, value in found.items():
             ratios.setdefault(key, []).append(value)
     return ratios
@@ -610,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge",
+        default="naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,observed",
         help="variants to run",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
@@ -697,6 +744,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lambda t: bridge(servers.source, t, args.count, workers, workdir),
                     args.count,
                 )),
+                ("observed", "bridge (observed)", lambda: _measure(
+                    servers,
+                    "bridge (observed)",
+                    lambda t: bridge(
+                        servers.source, t, args.count, workers, workdir, "observed", True
+                    ),
+                    args.count,
+                )),
             ]  # fmt: skip
             # Rounds of every variant in turn, not every repeat of one variant in a row: a slow
             # spell of the machine then weighs on all variants alike, and each round's ratios
@@ -710,7 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     results.append(_best([runs[label] for runs in rounds]))
             if args.grow:
                 if "bridge" in variants:
-                    grow.insert(1, results[-1])
+                    grow.insert(1, next(r for r in results if r.variant == "bridge"))
                 servers.load(files[args.count : biggest])
                 grow.append(
                     _measure(
@@ -743,6 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bridge_over_naive", "bridge / naive"),
         ("bridge_over_naive_plain", "bridge / naive (no gzip)"),
         ("bridge_over_naive_gdcm", "bridge / naive (gdcm)"),
+        ("observed_over_bridge", "bridge (observed) / bridge: what the HTTP server costs"),
     ):
         if key in ratios:
             values = ratios[key]
