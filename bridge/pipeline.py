@@ -223,6 +223,7 @@ class Pipeline:
         If it is still there, the cursor is below its change and the feed redoes it.
         """
         for entry in self.state.entries((DELETING,)):
+            self.health.beat()
             if self.source.transfer_syntax(entry.instance_id) is None:
                 self.state.record(replace(entry, state=CONVERTED, deleted_original=True))
 

@@ -22,7 +22,13 @@ sys.path.insert(0, str(REPO))
 
 from pydicom.uid import UID  # noqa: E402
 
-from tests.orthanc import OrthancServer, StoreSCP, pydicom_test_files, stop_all  # noqa: E402
+from tests.orthanc import (  # noqa: E402
+    OrthancServer,
+    StoreSCP,
+    free_ports,
+    pydicom_test_files,
+    stop_all,
+)
 
 SAMPLES = [
     "MR_small_jpeg_ls_lossless.dcm",
@@ -101,6 +107,8 @@ def write_config(workdir: Path, source: OrthancServer, target: OrthancServer) ->
     text = (REPO / "bridge.yaml").read_text()
     text = text.replace("http://localhost:8042", source.url)
     text = text.replace("http://localhost:8043", target.url)
+    # A free port for the status page: a bridge already running here may hold 8242.
+    text = text.replace("http_listen: 127.0.0.1:8242", f"http_listen: 127.0.0.1:{free_ports(1)[0]}")
     path = workdir / "bridge.yaml"
     path.write_text(text)
     return path

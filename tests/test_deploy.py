@@ -30,6 +30,10 @@ from tests.polling import wait_for
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 SERVICES = {"orthanc-source", "orthanc-target", "bridge"}
+# Started only with `--profile monitoring` (tests/test_monitoring.py checks them).
+PROFILED = {"prometheus": ["monitoring"], "grafana": ["monitoring"]}
+VOLUMES = {"bridge-state", "orthanc-source-db", "orthanc-target-db"}
+MONITORING_VOLUMES = {"prometheus-data", "grafana-data"}
 SECRETS = {"ORTHANC_SOURCE_PASSWORD": "pw-source-7f3a", "ORTHANC_TARGET_PASSWORD": "pw-target-91c2"}
 # The keys of bridge.yaml that deploy/bridge.yaml may use (the configuration contract).
 BRIDGE_KEYS = {
@@ -40,26 +44,42 @@ BRIDGE_KEYS = {
     "workers",
     "poll_interval",
     "log_level",
+    "http_listen",
+    "http_allow_anonymous",
 }
 SERVER_KEYS = {"url", "timeout", "verify_tls"}
 # Orthanc's paths and ports in the container; the tests put their own in their place.
 CONTAINER_ONLY = ("StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort")
 
 
-def compose_config(tmp_path: Path, secrets: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """`docker-compose config` with only `secrets` set: no deploy/.env, no variable of ours."""
+# The variables deploy/.env may set: a developer's own must not reach these tests.
+OUR_VARIABLES = ("ORTHANC_", "SOURCE_", "TARGET_", "BRIDGE_", "PROMETHEUS_", "GRAFANA_")
+
+
+def compose_config(
+    tmp_path: Path, secrets: dict[str, str], *options: str
+) -> subprocess.CompletedProcess[str]:
+    """`docker-compose [options] config` with only `secrets` set: no deploy/.env, no variable of
+    ours. `options`: global ones, such as "--profile", "monitoring"."""
     binary = shutil.which("docker-compose")
     if binary is None:
         raise FileNotFoundError(f"docker-compose not found: {INSTALL_HINT}")
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("ORTHANC_", "SOURCE_", "TARGET_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(OUR_VARIABLES)}
     env.update(secrets)
     # An empty env file: a developer's deploy/.env must not make these tests pass or fail.
     env_file = tmp_path / "empty.env"
     env_file.write_text("")
-    argv = [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config"]
+    argv = [binary, "--env-file", str(env_file), "-f", str(COMPOSE_FILE), *options, "config"]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def host_ips(port: str | dict[str, Any]) -> str:
+    """The host address a `ports:` entry publishes on, as `config` renders it: "ip:host:container"
+    (docker-compose 1.29) or a mapping (Compose v2); "" when it publishes on every address."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", ""))
+    parts = port.split(":")
+    return parts[0] if len(parts) == 3 else ""
 
 
 @pytest.fixture
@@ -73,13 +93,17 @@ def rendered(tmp_path: Path) -> dict[str, Any]:
 
 def test_compose_has_the_three_services_with_health_checks(rendered: dict[str, Any]) -> None:
     services = rendered["services"]
-    assert set(services) == SERVICES
+    # Without --profile, docker-compose 1.29's `config` still lists the profiled services (with
+    # their `profiles`), Compose v2's leaves them out: `up` starts only the three either way.
+    assert {name for name, s in services.items() if not s.get("profiles")} == SERVICES
+    profiled = {name: s["profiles"] for name, s in services.items() if s.get("profiles")}
+    assert profiled.items() <= PROFILED.items()
     for name, service in services.items():
         assert service["healthcheck"]["test"], name
         assert service["restart"] == "unless-stopped", name
-    for name in ("orthanc-source", "orthanc-target"):
+    for name in set(services) - {"bridge"}:
         image = services[name]["image"]
-        assert re.fullmatch(r"[\w./-]+:\d[\w.-]*", image), f"{name}: pin a version, not {image}"
+        assert re.fullmatch(r"[\w./-]+:v?\d[\w.-]*", image), f"{name}: pin a version, not {image}"
     bridge = services["bridge"]
     assert bridge["command"] == ["run", "-c", "/etc/orthanc-bridge/bridge.yaml"]
     assert {dep: cond["condition"] for dep, cond in bridge["depends_on"].items()} == {
@@ -88,8 +112,20 @@ def test_compose_has_the_three_services_with_health_checks(rendered: dict[str, A
     }
 
 
+def test_bridge_health_check_and_http_port(rendered: dict[str, Any]) -> None:
+    bridge = rendered["services"]["bridge"]
+    # The image's python asks /readyz: a 503 (not ready, with the reason) raises, exit code 1.
+    test = bridge["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"], test
+    assert "urlopen('http://127.0.0.1:8242/readyz'" in test[3], test
+    compile(test[3], "healthcheck", "exec")
+    # Published for the host's administrators only; the network has it as bridge:8242.
+    assert bridge["ports"], "the bridge's HTTP port is not published"
+    assert all(host_ips(port) == "127.0.0.1" for port in bridge["ports"]), bridge["ports"]
+
+
 def test_compose_keeps_state_and_storage_in_named_volumes(rendered: dict[str, Any]) -> None:
-    assert set(rendered["volumes"]) == {"bridge-state", "orthanc-source-db", "orthanc-target-db"}
+    assert VOLUMES <= set(rendered["volumes"]) <= VOLUMES | MONITORING_VOLUMES
     bridge_volumes = rendered["services"]["bridge"]["volumes"]
     assert any(v.startswith("bridge-state:/var/lib/orthanc-bridge") for v in bridge_volumes)
     for name in ("orthanc-source", "orthanc-target"):
@@ -109,9 +145,19 @@ def test_compose_takes_every_password_from_the_environment(rendered: dict[str, A
         for key, value in (service.get("environment") or {}).items():
             if "PASSWORD" in key:
                 assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", value), f"{name}.{key} = {value!r}"
-    for path in DEPLOY.iterdir():
+    for path in DEPLOY.rglob("*"):
         if path.is_file() and path.name != ".env":
-            assert not any(secret in path.read_text() for secret in SECRETS.values())
+            assert not any(secret in path.read_text() for secret in SECRETS.values()), path
+
+
+def test_env_example_lists_every_variable_of_the_compose_file() -> None:
+    lines = COMPOSE_FILE.read_text().splitlines()
+    text = "\n".join(line for line in lines if not line.lstrip().startswith("#"))
+    used = set(re.findall(r"(?<!\$)\$\{(\w+)", text))
+    listed = set(re.findall(r"^(\w+)=", (DEPLOY / ".env.example").read_text(), re.MULTILINE))
+    assert used, "no variable found"
+    assert used <= listed, f"not in deploy/.env.example: {sorted(used - listed)}"
+    assert all(name.startswith(OUR_VARIABLES) for name in used), used
 
 
 @pytest.mark.parametrize("missing", sorted(SECRETS))
@@ -140,6 +186,10 @@ def test_bridge_yaml_uses_only_the_contract_keys() -> None:
     assert config.target.url == "http://orthanc-target:8042"
     assert config.source.password == "s"
     assert config.target.password == "t"
+    # Reachable on the compose network (Prometheus, the health check), without a password: the
+    # port is published on the host's loopback only (test_bridge_health_check_and_http_port).
+    assert config.http.address == ("0.0.0.0", 8242)
+    assert config.http.allow_anonymous and not config.http.username
 
 
 def orthanc_known_keys(tmp_path: Path) -> set[str]:
