@@ -617,7 +617,14 @@ def _ratios(rounds: list[dict[str, Result]]) -> dict[str, list[float]]:
             if "naive (gdcm)" in runs:
                 found["bridge_over_naive_gdcm"] = bridge_run.rate / runs["naive (gdcm)"].rate
             if "bridge (observed)" in runs:
-                found["observed_over_bridge"] = runs["bridge (observed)"].rate / bridge_run.rate
+                observed = runs["bridge (observed)"]
+                found["observed_over_bridge"] = observed.rate / bridge_run.rate
+                # Instances per CPU second of the bridge's process tree: on a machine whose
+                # cores are all busy this is what throughput follows, with far less noise
+                # than wall time on a shared machine.
+                found["observed_cpu_over_bridge"] = (
+                    bridge_run.extra["cpu_s"]["bridge"] / observed.extra["cpu_s"]["bridge"]
+                )
         for key, value in found.items():
             ratios.setdefault(key, []).append(value)
     return ratios
@@ -756,9 +763,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Rounds of every variant in turn, not every repeat of one variant in a row: a slow
             # spell of the machine then weighs on all variants alike, and each round's ratios
             # compare runs made minutes apart at most.
+            # Every other round runs them in reverse order, so that no variant always runs
+            # first (or right after the same neighbour) in a round.
             for number in range(1, args.repeat + 1):
                 print(f"round {number} of {args.repeat}", flush=True)
-                rounds.append({label: step() for key, label, step in steps if key in variants})
+                ordered = steps if number % 2 else steps[::-1]
+                rounds.append({label: step() for key, label, step in ordered if key in variants})
             uploads.clear()
             for key, label, _ in steps:
                 if key in variants:
@@ -799,6 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bridge_over_naive_plain", "bridge / naive (no gzip)"),
         ("bridge_over_naive_gdcm", "bridge / naive (gdcm)"),
         ("observed_over_bridge", "bridge (observed) / bridge: what the HTTP server costs"),
+        ("observed_cpu_over_bridge", "the same in instances per CPU second of the bridge"),
     ):
         if key in ratios:
             values = ratios[key]

@@ -90,7 +90,20 @@ def image_size(data: bytes | bytearray) -> ImageSize | None:
     return ImageSize(frame, frame * frames)
 
 
-def _image_attributes(data: memoryview) -> dict[int, int]:
+def transfer_syntax(data: bytes | bytearray) -> str | None:
+    """The transfer syntax UID the file meta declares, or None when it cannot be read.
+
+    For the ledger, logs and metrics of an instance that fails before a decoder names it.
+    """
+    try:
+        syntax, _ = _file_meta(memoryview(data))
+    except (_Unreadable, struct.error, ValueError):
+        return None
+    return syntax if 0 < len(syntax) <= 64 else None  # a UID has at most 64 characters
+
+
+def _file_meta(data: memoryview) -> tuple[str, int]:
+    """The transfer syntax UID ("" if absent) and where the dataset after the meta begins."""
     if len(data) < 132 or bytes(data[128:132]) != _DICM:
         raise _Unreadable("no DICM preamble")
     reader = _Reader(data, 132, little=True, implicit=False)
@@ -99,15 +112,20 @@ def _image_attributes(data: memoryview) -> dict[int, int]:
         tag, value = reader.element()
         if tag == 0x00020010 and value is not None:
             syntax = bytes(value).rstrip(b"\0 ").decode("ascii")
+    return syntax, reader.pos
+
+
+def _image_attributes(data: memoryview) -> dict[int, int]:
+    syntax, start = _file_meta(data)
     body = data
     if syntax == _DEFLATED:
         body = memoryview(
-            zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[reader.pos :], _INFLATE_AT_MOST)
+            zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[start:], _INFLATE_AT_MOST)
         )
         reader = _Reader(body, 0, little=True, implicit=False)
     else:
         reader = _Reader(
-            body, reader.pos, little=syntax != _EXPLICIT_BE, implicit=syntax == _IMPLICIT_LE
+            body, start, little=syntax != _EXPLICIT_BE, implicit=syntax == _IMPLICIT_LE
         )
     values: dict[int, int] = {}
     for _ in range(_MAX_ELEMENTS):

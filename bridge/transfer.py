@@ -25,6 +25,7 @@ from bridge.errors import (
     VerificationFailed,
 )
 from bridge.feed import NewInstance
+from bridge.header import transfer_syntax
 from bridge.metrics import STAGE
 from bridge.orthanc import OrthancClient
 from bridge.state import (
@@ -81,7 +82,9 @@ class Transfer:
                 extra=_event(iid, VANISHED, None, started),
             )
             return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
-        syntax: str | None = None
+        # What the file says, until the decoder reads it properly: failures are counted and
+        # recorded by syntax too.
+        syntax = transfer_syntax(data)
         with self.budget.holding() as holding:
             # Room for the decoded copy is taken now, while waiting holds nothing up; once a
             # worker has decoded it, its transfer thread must read it whatever the budget says.

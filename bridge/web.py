@@ -15,6 +15,7 @@ import dataclasses
 import gzip
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from prometheus_client.exposition import choose_encoder
 from bridge import __version__, metrics
 from bridge.config import Config, HttpConfig
 from bridge.errors import ConfigError
+from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline
 from bridge.state import PENDING, PROBLEMS
 from bridge.statuspage import ProblemView, ServerView, StatusView, render
@@ -33,7 +35,9 @@ from bridge.statuspage import ProblemView, ServerView, StatusView, render
 log = logging.getLogger(__name__)
 
 _PROBLEMS_SHOWN = 20
+_SOP_UID = re.compile(r"SOP Instance UID [0-9.]+")
 _OPEN_PATHS = ("/livez", "/readyz")
+_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'none'"
 
 
 class WebServer:
@@ -146,7 +150,7 @@ class _Pages:
             decoder_restarts=pipeline.decoder_restarts(),
             servers=[_server_view(c, time.monotonic()) for c in health.servers],
             problems=[
-                ProblemView(e.instance_id, e.state, e.source_syntax, e.error, e.updated)
+                ProblemView(e.instance_id, e.state, e.source_syntax, _no_uids(e.error), e.updated)
                 for e in state.entries((*PROBLEMS, PENDING), limit=_PROBLEMS_SHOWN)
             ],
             retry_command=f"orthanc-bridge retry -c {config.path or 'bridge.yaml'}",
@@ -167,7 +171,13 @@ def _activity(pipeline: Pipeline, servers_down: list[str], backlog: int) -> str:
     return pipeline.mode
 
 
-def _server_view(client: Any, now: float) -> ServerView:
+def _no_uids(reason: str | None) -> str | None:
+    """The reason without the SOP Instance UID the decoder's message names: the page shows
+    Orthanc's instance IDs only (the log and `status` keep the whole reason)."""
+    return _SOP_UID.sub("SOP Instance UID in the log", reason) if reason else reason
+
+
+def _server_view(client: OrthancClient, now: float) -> ServerView:
     age = now - client.last_answer if client.last_answer is not None else None
     return ServerView(
         client.role, client.server.url, client.up, age, None if client.up else client.last_error
@@ -208,6 +218,9 @@ def _handler(http: HttpConfig, pages: _Pages) -> type[BaseHTTPRequestHandler]:
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"orthanc-bridge/{__version__}"
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
 
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
@@ -254,8 +267,14 @@ def _handler(http: HttpConfig, pages: _Pages) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Encoding", "gzip")
             if status == 401:
                 self.send_header("WWW-Authenticate", 'Basic realm="orthanc-bridge"')
+            # The page needs nothing but its own inline style and SVG: forbid everything else,
+            # so that even a reason that slipped through escaping could not run or fetch.
+            self.send_header("Content-Security-Policy", _POLICY)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("HTTP %s", format % args)

@@ -12,7 +12,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from bridge.header import decoded_size
+from bridge.header import decoded_size, transfer_syntax
 from tests.orthanc import pydicom_test_files
 
 
@@ -41,6 +41,26 @@ def test_every_pydicom_file_with_a_preamble_reads_as_pydicom_reads_it() -> None:
         assert got in (expected, None), path.name
         checked += got is not None
     assert checked >= 60  # all but a handful: multi-frame, colour, 1-bit, big endian, deflated
+
+
+def test_transfer_syntax_is_read_from_the_file_meta_as_pydicom_reads_it() -> None:
+    checked = 0
+    for path in sorted(pydicom_test_files().glob("*.dcm")):
+        data = path.read_bytes()
+        try:
+            meta = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta
+            expected = str(meta.TransferSyntaxUID)
+        except Exception:
+            continue
+        if data[128:132] != b"DICM":
+            assert transfer_syntax(data) is None, path.name
+            continue
+        assert transfer_syntax(data) == expected, path.name
+        checked += 1
+    assert checked >= 70
+    valid = (pydicom_test_files() / "CT_small.dcm").read_bytes()
+    assert transfer_syntax(valid[:140]) is None  # cut inside the meta
+    assert transfer_syntax(b"\0" * 200) is None
 
 
 def _with_sequences(syntax: str) -> bytes:

@@ -19,13 +19,14 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import bridgectl
+from tests import bridgectl, hostile
 from tests.browser import render_page
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, free_ports
 from tests.polling import wait_for
 
 J2K = "GDCMJ2K_TextGBR.dcm"  # JPEG 2000 lossless
 J2K_UID = "1.2.840.10008.1.2.4.90"
+H264 = "1.2.840.10008.1.2.4.102"
 
 
 def scrape(base: str, auth: tuple[str, str] | None = None) -> dict[str, float]:
@@ -58,6 +59,9 @@ def test_metrics_count_every_instance_and_health_follows_a_target_outage(
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
     first = bridgectl.upload_variants(source, J2K, 12)
+    # Two that wait for a person: an undecodable file and a video.
+    broken = str(source.upload(hostile.truncated_codestream())["ID"])
+    video = str(source.upload(hostile.video())["ID"])
     config = bridgectl.write_config(tmp_path, source, target)
     base = bridgectl.http_url(config)
     bridge = bridgectl.start("run", config, source, target, tmp_path / "bridge.log")
@@ -76,15 +80,22 @@ def test_metrics_count_every_instance_and_health_follows_a_target_outage(
             interval=0.2,
             ignore=(requests.RequestException,),
         )
-        assert total(samples, "orthanc_bridge_instances_total") == 12
+        assert total(samples, "orthanc_bridge_instances_total") == 14
+        assert total(samples, "orthanc_bridge_instances_total", outcome="failed") == 1
+        assert (
+            samples[f'orthanc_bridge_instances_total{{outcome="unsupported",syntax="{H264}"}}'] == 1
+        )
+        assert samples['orthanc_bridge_ledger_instances{state="failed"}'] == 1
+        assert samples['orthanc_bridge_ledger_instances{state="unsupported"}'] == 1
         assert (
             samples[f'orthanc_bridge_instances_total{{outcome="converted",syntax="{J2K_UID}"}}']
             == 12
         )
         assert samples["orthanc_bridge_cursor"] == source.changes_last()
         assert samples["orthanc_bridge_source_last_change"] == source.changes_last()
-        for stage in ("download", "decode", "upload"):
-            assert samples[f'orthanc_bridge_stage_seconds_count{{stage="{stage}"}}'] == 12
+        assert samples['orthanc_bridge_stage_seconds_count{stage="download"}'] == 14
+        assert samples['orthanc_bridge_stage_seconds_count{stage="decode"}'] == 14
+        assert samples['orthanc_bridge_stage_seconds_count{stage="upload"}'] == 12
         assert samples['orthanc_bridge_bytes_total{direction="downloaded"}'] > 0
         assert (
             samples['orthanc_bridge_bytes_total{direction="uploaded"}']
@@ -93,10 +104,9 @@ def test_metrics_count_every_instance_and_health_follows_a_target_outage(
         assert samples['orthanc_bridge_server_up{server="source"}'] == 1
         assert samples['orthanc_bridge_server_up{server="target"}'] == 1
         assert samples["orthanc_bridge_decoders"] == 2
-        assert samples['orthanc_bridge_ledger_instances{state="failed"}'] == 0
         assert time.time() - samples["orthanc_bridge_last_poll_timestamp_seconds"] < 30
         assert status_code(f"{base}/livez") == 200
-        assert status_code(f"{base}/readyz") == 200
+        assert status_code(f"{base}/readyz") == 200  # ready: waiting problems are no outage
 
         # The target goes away: not ready within seconds, and still alive.
         target.stop()
@@ -145,6 +155,12 @@ def test_metrics_count_every_instance_and_health_follows_a_target_outage(
         plot = dom.split('id="rate-plot"', 1)[1].split("</svg>", 1)[0]
         assert "<polyline" in plot or "<rect" in plot
         assert screenshot.stat().st_size > 10_000
+        problems = dom.split('id="problems"', 1)[1]
+        assert broken in problems and video in problems
+        assert "unsupported" in problems and "failed" in problems
+        assert "1.2.826.0.1.3680043" not in dom  # no DICOM UID of an instance on the page
+        assert f"orthanc-bridge retry -c {config}" in dom
+        assert 'data-health="attention"' in dom
     finally:
         bridgectl.kill(bridge)
 
@@ -182,8 +198,12 @@ def test_beyond_loopback_metrics_need_the_password_and_health_does_not(
         wrong = requests.get(f"{base}/metrics", auth=("prometheus", "guess"), timeout=10)
         assert wrong.status_code == 401
         assert "orthanc_bridge_cursor" in scrape(base, ("prometheus", "s3cret-scrape"))
-        page = requests.get(f"{base}/", auth=("prometheus", "s3cret-scrape"), timeout=10).text
-        assert "s3cret-scrape" not in page
+        page = requests.get(f"{base}/", auth=("prometheus", "s3cret-scrape"), timeout=10)
+        assert "s3cret-scrape" not in page.text
+        # Nothing on the page may run a script or fetch anything.
+        assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+        head = requests.head(f"{base}/livez", timeout=10)
+        assert head.status_code == 200 and not head.content
     finally:
         bridgectl.kill(bridge)
 
