@@ -45,6 +45,17 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """A Dask scheduler to send the transfers to (bridge.cluster)."""
+
+    scheduler: str  # tcp://host:8786 or tls://host:8786
+    tls_ca_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    batch_size: int = 8  # instances per task: Dask costs ~1 ms per task, a CT slice 25 ms
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     """The read-only HTTP server: metrics, health and the status page."""
 
@@ -94,6 +105,7 @@ class Config:
     log_format: str = "text"
     progress_interval: float = 10.0
     http: HttpConfig = field(default_factory=lambda: HttpConfig(DEFAULT_HTTP_LISTEN))
+    cluster: ClusterConfig | None = None  # None: every transfer runs on this machine
     # The file it was read from, for the commands the status page suggests.
     path: Path | None = None
 
@@ -133,6 +145,11 @@ class _Section:
         if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
             raise ConfigError(f"{self._name(key)}: expected {kind.__name__}, got {_kind(value)}")
         return value
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing is left to read (an absent or empty section)."""
+        return not self._raw
 
     def section(self, key: str) -> _Section:
         """Remove `key` and return it as a nested section."""
@@ -207,10 +224,37 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
         log_format=top.take("log_format", str, defaults.log_format),
         progress_interval=top.take("progress_interval", float, defaults.progress_interval),
         http=_http(top, env),
+        cluster=_cluster(top.section("cluster"), base_dir),
     )
     top.finish()
     _check_ranges(config)
     return config
+
+
+def _cluster(section: _Section, base_dir: Path) -> ClusterConfig | None:
+    if section.empty:
+        return None
+    scheduler = section.take("scheduler", str, required=True)
+    if not scheduler.startswith(("tcp://", "tls://")) or ":" not in scheduler[6:]:
+        raise ConfigError(
+            f"cluster.scheduler: expected tcp://host:port or tls://host:port, got {scheduler!r}"
+        )
+    files = {}
+    for key in ("tls_ca_file", "tls_cert", "tls_key"):
+        value = section.take(key, str)
+        files[key] = str(base_dir / Path(value).expanduser()) if value else None
+    batch_size = section.take("batch_size", int, 8)
+    section.finish()
+    if not 1 <= batch_size <= 1000:
+        raise ConfigError(f"cluster.batch_size: must be between 1 and 1000, got {batch_size}")
+    tls = [key for key, value in files.items() if value]
+    if scheduler.startswith("tls://") and len(tls) != 3:
+        raise ConfigError(
+            "cluster.tls_ca_file: a tls:// scheduler needs tls_ca_file, tls_cert and tls_key"
+        )
+    if tls and scheduler.startswith("tcp://"):
+        raise ConfigError(f"cluster.{tls[0]}: TLS files need a tls:// scheduler address")
+    return ClusterConfig(scheduler, batch_size=batch_size, **files)
 
 
 def _http(top: _Section, env: Mapping[str, str]) -> HttpConfig:

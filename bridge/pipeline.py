@@ -13,9 +13,11 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from bridge import feed, metrics
 from bridge.budget import ByteBudget
+from bridge.cluster import Batches, ClusterTransfer, connect
 from bridge.config import MIB, Config
 from bridge.decoding import DecoderPool, TranscodeOptions
 from bridge.errors import AccessDenied, FeedResetError, Interrupted, TransientError
@@ -23,6 +25,7 @@ from bridge.header import decoded_size
 from bridge.health import Health, Throughput
 from bridge.metrics import WAITING
 from bridge.orthanc import ChangesPage, OrthancClient
+from bridge.remote import job
 from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.transfer import Transfer
 
@@ -104,6 +107,15 @@ class Progress:
         return cursor
 
 
+class Mover(Protocol):
+    """Moves one instance: bridge.transfer.Transfer here, bridge.cluster.ClusterTransfer on
+    a Dask cluster."""
+
+    def run(self, item: feed.NewInstance) -> Entry:
+        """The instance's outcome; TransientError and Interrupted propagate."""
+        ...
+
+
 class Pipeline:
     """Runs transfers concurrently: `follow` for the change log, `process` for given IDs."""
 
@@ -127,27 +139,45 @@ class Pipeline:
             decode_timeout=config.decode_timeout,
         )
         self._budget = ByteBudget(config.max_inflight_mb * MIB, stop)
-        self._decoder = DecoderPool(workers, self._options, stop)
-        # Enough threads that every decoding process has the next instance downloaded and
-        # the previous one uploading.
-        threads = workers * 2 + 2
+        self._decoder: DecoderPool | None = None
+        self._batches: Batches | None = None
+        self._transfer: Mover
+        if config.cluster is not None:
+            # The transfers run on Dask workers; here, only the feed, the ledger and deletions.
+            self._batches = Batches(
+                connect(config.cluster),
+                job(source.server, target.server, self._options, config.delete_original),
+                config.cluster.batch_size,
+                stop,
+            )
+            self._transfer = ClusterTransfer(
+                self._batches, source, config.delete_original, source.retry, state.record
+            )
+            threads = self._batches.limit + 2
+            slots = threads
+        else:
+            self._decoder = DecoderPool(workers, self._options, stop)
+            max_decoded = self._options.max_decoded_bytes  # larger ones are refused
+            self._transfer = Transfer(
+                source,
+                target,
+                self._decoder.decode,
+                config.delete_original,
+                stop,
+                self._budget,
+                state.record,
+                lambda data: decoded_size(data, max_decoded) or 0,
+            )
+            # Enough threads that every decoding process has the next instance downloaded
+            # and the previous one uploading.
+            threads = workers * 2 + 2
+            slots = workers * 3 + 2
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
         for client in (source, target):
             client.keep_connections(threads + 1)  # the transfer threads and the feed
-        self._slots = threading.Semaphore(workers * 3 + 2)
+        self._slots = threading.Semaphore(slots)
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
-        max_decoded = self._options.max_decoded_bytes  # larger ones are refused, not decoded
-        self._transfer = Transfer(
-            source,
-            target,
-            self._decoder.decode,
-            config.delete_original,
-            stop,
-            self._budget,
-            state.record,
-            lambda data: decoded_size(data, max_decoded) or 0,
-        )
         self._progress = Progress(state)
         self.health = Health(source, target, state, config.poll_interval)
         self.throughput = Throughput()
@@ -172,11 +202,11 @@ class Pipeline:
 
     def decoders_alive(self) -> int:
         """Decoding processes in service."""
-        return self._decoder.alive()
+        return self._decoder.alive() if self._decoder else 0
 
     def decoder_restarts(self) -> int:
         """Decoding processes replaced since the start."""
-        return self._decoder.restarts
+        return self._decoder.restarts if self._decoder else 0
 
     @property
     def inflight_limit(self) -> int:
@@ -240,7 +270,10 @@ class Pipeline:
     def close(self) -> None:
         """Stop the worker processes and threads, without waiting for abandoned decodes."""
         self._threads.shutdown(wait=True, cancel_futures=True)
-        self._decoder.close()
+        if self._decoder is not None:
+            self._decoder.close()
+        if self._batches is not None:
+            self._batches.close()
 
     # --- internals ------------------------------------------------------------------------
 

@@ -57,6 +57,9 @@ class Transfer:
     record: Callable[[Entry], None]
     # The bytes a file's decoded copy will take, as far as its header tells (0 when it cannot).
     decoded_size: Callable[[bytes], int]
+    # False on a cluster worker: it verifies as if it were to delete, and the coordinator, which
+    # keeps the ledger, deletes the original (bridge.cluster).
+    deletes: bool = True
     # Whether an upload answered Success was found stored as sent. Until then every upload is
     # checked: a target that transcodes what arrives (IngestTranscoding, a Lua filter) says
     # Success too. Once one was, Success is trusted, saving a request per instance (2% of
@@ -119,7 +122,7 @@ class Transfer:
                 return Entry(iid, item.seq, FAILED, syntax, reason, _since(started))
         del result  # the target holds it now
         deleted = False
-        if self.delete_original and expected == EXPLICIT_VR_LITTLE_ENDIAN:
+        if self.delete_original and self.deletes and expected == EXPLICIT_VR_LITTLE_ENDIAN:
             # Deleting the original also deletes its change row: if the bridge dies right
             # after, nothing would ever bring the instance back to the ledger. Note it first.
             self.record(Entry(iid, item.seq, DELETING, syntax, None, _since(started)))

@@ -7,7 +7,7 @@
 # (a certificate for the HTTPS test), chromium (the status page test renders the page in a real
 # browser), systemd (systemd-analyze verifies the unit file), prometheus (its promtool checks
 # deploy/monitoring; the server itself is never started) and python3-venv. Then .venv
-# with the project and its [test,gpl] extras.
+# with the project and its [test,gpl,cluster] extras.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -85,7 +85,7 @@ stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
     echo "setup: installing the project into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[test,gpl]'
+    .venv/bin/python -m pip install -q -e '.[test,gpl,cluster]'
     rm -f .venv/.installed-*
     touch "$stamp"
 fi

@@ -50,6 +50,17 @@ def test_shipped_file_loads_and_documents_every_key() -> None:
         ({**BASE, "http_listen": "0.0.0.0:8242"}, "http_listen: 0.0.0.0:8242 is reachable"),
         ({**BASE, "http_password": "x"}, "http_username: set both"),
         ({**BASE, "progress_interval": 0}, "progress_interval: must be greater than 0"),
+        ({**BASE, "cluster": {"scheduler": "h:8786"}}, "cluster.scheduler: expected tcp://"),
+        ({**BASE, "cluster": {"batch_size": 2}}, "cluster.scheduler: required key is missing"),
+        (
+            {**BASE, "cluster": {"scheduler": "tls://h:8786"}},
+            "cluster.tls_ca_file: a tls:// scheduler needs",
+        ),
+        (
+            {**BASE, "cluster": {"scheduler": "tcp://h:1", "batch_size": 0}},
+            "cluster.batch_size: must be between 1 and 1000",
+        ),
+        ({**BASE, "cluster": {"scheduler": "tcp://h:1", "workers": 2}}, "cluster.workers: unknown"),
     ],
 )
 def test_bad_values_name_the_key(raw: object, message: str) -> None:

@@ -1,0 +1,284 @@
+"""The cluster engine: transfers run on Dask workers, the ledger stays on this coordinator.
+
+The pipeline still dispatches one instance per transfer thread and keeps the feed, the cursor
+and the ledger here. `ClusterTransfer.run` hands the instance to a `Batches` queue, which
+sends small batches of IDs as Dask tasks (Dask costs about 1 ms per task, a CT slice 25 ms of
+decoding) and gives each waiting thread its own outcome. Workers download, transcode, upload
+and verify (bridge.remote); only the decision to delete an original is taken here, after the
+worker verified the copy, exactly as on one machine.
+
+Failures: a lost worker costs Dask a re-execution elsewhere (our transfers are idempotent). A
+batch that keeps killing workers (`KilledWorker`) is split in halves until the instance that
+kills them is alone; that one is recorded as failed. A lost scheduler, or a server that stays
+down for a worker, is a TransientError: the thread sends its instance again under the usual
+retry policy, while the Dask client reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bridge import __version__
+from bridge.config import ClusterConfig
+from bridge.errors import (
+    AccessDenied,
+    ConfigError,
+    Interrupted,
+    TransientError,
+)
+from bridge.feed import NewInstance
+from bridge.orthanc import OrthancClient
+from bridge.remote import Job, transfer_batch, version
+from bridge.retry import RetryPolicy
+from bridge.state import CONVERTED, DELETING, FAILED, Entry
+
+log = logging.getLogger(__name__)
+
+# How long a partial batch waits for more instances before it leaves.
+_LINGER = 0.02
+_POLL = 0.2
+# What a batch raises when the scheduler (or the client's connection to it) was lost.
+_LOST = ("CancelledError", "CommClosedError", "FutureCancelledError")
+
+
+class ClusterError(TransientError):
+    """Raised when the scheduler cannot be reached or loses a batch; the batch is sent again."""
+
+
+def connect(config: ClusterConfig) -> Any:
+    """A Dask client for the scheduler, after checking that every worker runs our version."""
+    try:
+        from distributed import Client
+        from distributed.security import Security
+    except ImportError:
+        raise ConfigError(
+            "cluster: Dask is not installed; pip install 'orthanc-bridge[cluster]'"
+        ) from None
+    security = None
+    if config.scheduler.startswith("tls://"):
+        security = Security(  # type: ignore[no-untyped-call]
+            tls_ca_file=config.tls_ca_file,
+            tls_client_cert=config.tls_cert,
+            tls_client_key=config.tls_key,
+            require_encryption=True,
+        )
+    try:
+        client = Client(  # type: ignore[no-untyped-call]
+            config.scheduler, security=security, timeout=30, set_as_default=False
+        )
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(
+            f"cluster: cannot reach the scheduler {config.scheduler}: {exc}"
+        ) from None
+    try:
+        check_versions(client)
+    except BaseException:
+        client.close()  # type: ignore[no-untyped-call]
+        raise
+    return client
+
+
+def check_versions(client: Any) -> None:
+    """Refuse workers that run another orthanc-bridge, or none at all."""
+    try:
+        versions: dict[str, str] = client.run(version, on_error="return")
+    except Exception as exc:
+        raise ConfigError(f"cluster: cannot ask the workers their version: {exc}") from None
+    wrong = {
+        worker: (found if isinstance(found, str) else f"none ({type(found).__name__}: {found})")
+        for worker, found in versions.items()
+        if found != __version__
+    }
+    if wrong:
+        listing = "; ".join(f"{worker} runs {found}" for worker, found in sorted(wrong.items()))
+        raise ConfigError(
+            f"cluster: every worker must run orthanc-bridge {__version__}, like this "
+            f"coordinator: {listing}"
+        )
+    log.info(
+        "cluster: %s, %d workers with %d threads, orthanc-bridge %s everywhere",
+        client.scheduler.address,
+        len(versions),
+        sum(client.nthreads().values()),
+        __version__,
+    )
+
+
+@dataclass
+class _Waiting:
+    instance_id: str
+    outcome: Future[Entry]
+
+
+class Batches:
+    """Groups instance IDs into Dask tasks and hands each caller its own outcome."""
+
+    def __init__(self, client: Any, job: Job, batch_size: int, stop: threading.Event) -> None:
+        self._client = client
+        self._job = job
+        self._size = batch_size
+        self._stop = stop
+        self._lock = threading.Condition()
+        self._queue: collections.deque[_Waiting] = collections.deque()
+        # Halves of a batch that killed its workers, sent before anything else, as they are.
+        self._split: collections.deque[list[_Waiting]] = collections.deque()
+        # Batches in flight: enough to keep every worker thread busy with one waiting behind.
+        threads = sum(client.nthreads().values()) or 1
+        self._room = threading.BoundedSemaphore(max(2, 2 * threads))
+        self.limit = max(2, 2 * threads) * batch_size  # instances worth having in flight
+        self._closed = False
+        self._thread = threading.Thread(target=self._send_batches, name="cluster", daemon=True)
+        self._thread.start()
+
+    def transfer(self, instance_id: str) -> Entry:
+        """Send `instance_id` with the next batch and wait for its outcome."""
+        waiting = _Waiting(instance_id, Future())
+        with self._lock:
+            self._queue.append(waiting)
+            self._lock.notify()
+        while True:
+            try:
+                return waiting.outcome.result(timeout=_POLL)
+            except TimeoutError:
+                if self._stop.is_set():
+                    raise Interrupted("shutting down") from None
+
+    def close(self) -> None:
+        """Stop sending; callers still waiting are interrupted by the stop event."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join(timeout=5)
+
+    def _send_batches(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            while not self._room.acquire(timeout=_POLL):
+                if self._closed:
+                    return
+            self._submit(batch)
+
+    def _next_batch(self) -> list[_Waiting] | None:
+        with self._lock:
+            while not self._queue and not self._split:
+                if self._closed:
+                    return None
+                self._lock.wait(_POLL)
+            if self._split:
+                return self._split.popleft()
+            if len(self._queue) < self._size:
+                # A moment for the rest of a burst to arrive: fuller tasks, fewer of them.
+                self._lock.wait(_LINGER)
+            count = min(self._size, len(self._queue))
+            return [self._queue.popleft() for _ in range(count)]
+
+    def _submit(self, batch: list[_Waiting]) -> None:
+        ids = [w.instance_id for w in batch]
+        try:
+            future = self._client.submit(transfer_batch, self._job, ids, pure=False)
+        except Exception as exc:  # the client lost its scheduler
+            self._room.release()
+            self._fail(batch, ClusterError(f"cluster: cannot send a batch: {exc}"))
+            return
+        future.add_done_callback(lambda done: self._finished(done, batch))
+
+    def _finished(self, done: Any, batch: list[_Waiting]) -> None:
+        self._room.release()
+        try:
+            entries: list[Entry] = done.result()
+        except (TransientError, AccessDenied) as exc:
+            self._fail(batch, exc)
+            return
+        except Exception as exc:
+            if type(exc).__name__ == "KilledWorker":
+                self._killed(batch, exc)
+            elif type(exc).__name__ in (
+                "CancelledError",
+                "CommClosedError",
+                "FutureCancelledError",
+            ):
+                self._fail(batch, ClusterError(f"cluster: a batch was lost: {exc!r}"))
+            else:
+                self._fail(batch, exc)
+            return
+        for waiting, entry in zip(batch, entries, strict=True):
+            waiting.outcome.set_result(entry)
+
+    def _killed(self, batch: list[_Waiting], exc: Exception) -> None:
+        """A batch killed the workers that ran it: split it to find the instance to blame."""
+        if len(batch) == 1:
+            waiting = batch[0]
+            waiting.outcome.set_result(
+                Entry(
+                    waiting.instance_id,
+                    None,
+                    FAILED,
+                    error="its transfer killed every cluster worker that ran it (a decoder "
+                    "crash or out of memory)",
+                )
+            )
+            return
+        log.warning(
+            "cluster: a batch of %d instances killed its workers; splitting it to find which",
+            len(batch),
+        )
+        half = len(batch) // 2
+        with self._lock:
+            self._split.extend((batch[:half], batch[half:]))
+            self._lock.notify()
+
+    @staticmethod
+    def _fail(batch: list[_Waiting], exc: BaseException) -> None:
+        for waiting in batch:
+            waiting.outcome.set_exception(exc)
+
+
+class ClusterTransfer:
+    """The coordinator's side of one instance: a worker moves it, this process deletes it."""
+
+    def __init__(
+        self,
+        batches: Batches,
+        source: OrthancClient,
+        delete_original: bool,
+        retry: RetryPolicy,
+        record: Any,
+    ) -> None:
+        self._batches = batches
+        self._source = source
+        self._delete_original = delete_original
+        self._retry = retry
+        self._record = record
+
+    def run(self, item: NewInstance) -> Entry:
+        """Move one instance on the cluster; see Transfer.run for what propagates."""
+        started = time.monotonic()
+        iid = item.instance_id
+        entry = replace(self._retry.call(lambda: self._batches.transfer(iid)), seq=item.seq)
+        if entry.state == CONVERTED and self._delete_original:
+            # The worker verified the copy (it always does when originals are deleted).
+            self._record(replace(entry, state=DELETING))
+            self._source.delete(iid)  # one already gone is not an error
+            entry = replace(entry, deleted_original=True)
+        log.info(
+            "instance %s: %s on the cluster in %.0f ms%s",
+            iid,
+            entry.state,
+            (time.monotonic() - started) * 1000,
+            f": {entry.error}" if entry.error else "",
+            extra={
+                "instance": iid,
+                "outcome": entry.state,
+                "source_syntax": entry.source_syntax,
+                "ms": round((time.monotonic() - started) * 1000),
+            },
+        )
+        return entry

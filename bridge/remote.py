@@ -1,0 +1,108 @@
+"""What a Dask worker runs: a batch of instance IDs in, their outcomes out (bridge.cluster).
+
+A worker is a plain `dask worker` process with orthanc-bridge installed. Everything it needs
+besides the IDs comes in the `Job` sent with each task, except credentials: those it reads
+from its own environment (BRIDGE_SOURCE_USERNAME, BRIDGE_SOURCE_PASSWORD, BRIDGE_TARGET_...),
+so that no password crosses the scheduler. Pixel data goes from the source to the worker to
+the target: never through the scheduler or the coordinator, which get only `Entry` outcomes.
+
+The worker downloads, transcodes, uploads and verifies, exactly as bridge.transfer does on one
+machine; it never deletes an original. The coordinator keeps the ledger and decides that.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import dataclass, replace
+
+from bridge import __version__
+from bridge.budget import ByteBudget
+from bridge.config import ServerConfig
+from bridge.decoding import Transcoded, TranscodeOptions
+from bridge.feed import NewInstance
+from bridge.header import decoded_size
+from bridge.orthanc import OrthancClient
+from bridge.retry import RetryPolicy
+from bridge.state import Entry
+from bridge.transfer import Transfer
+
+# A worker gives up on a server after this long and lets the coordinator decide (it retries
+# the batch for ever in `run`): a worker never blocks a slot of the cluster indefinitely.
+WORKER_RETRY_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """What every task of one coordinator carries besides its instance IDs: no secrets."""
+
+    version: str
+    source: ServerConfig  # without password
+    target: ServerConfig
+    options: TranscodeOptions
+    verify_for_deletion: bool  # delete_original: every copy is verified, never trusted
+
+
+def job(
+    source: ServerConfig, target: ServerConfig, options: TranscodeOptions, delete_original: bool
+) -> Job:
+    """The Job for these settings, with the passwords left out."""
+    return Job(
+        __version__,
+        replace(source, password=None),
+        replace(target, password=None),
+        options,
+        delete_original,
+    )
+
+
+def version() -> str:
+    """The orthanc-bridge version this worker runs (the coordinator refuses a mismatch)."""
+    return __version__
+
+
+def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
+    """Move each instance to the target; permanent problems come back as entries.
+
+    A server that stays down raises TransientError: the coordinator sends the batch again.
+    """
+    transfer = _transfer(job)
+    return [transfer.run(NewInstance(-1, iid)) for iid in instance_ids]
+
+
+@functools.lru_cache(maxsize=4)
+def _transfer(job: Job) -> Transfer:
+    """One Transfer per Job in this worker process: its connections are kept between tasks."""
+    if job.version != __version__:  # the coordinator checked at connect; a worker may change
+        raise RuntimeError(f"this worker runs orthanc-bridge {__version__}, not {job.version}")
+    never = threading.Event()
+    retry = RetryPolicy(never, max_wait=WORKER_RETRY_SECONDS)
+    source = OrthancClient(_with_credentials(job.source, "SOURCE"), "source", retry)
+    target = OrthancClient(_with_credentials(job.target, "TARGET"), "target", retry)
+    limit = job.options.max_decoded_bytes
+    return Transfer(
+        source,
+        target,
+        functools.partial(_transcode, options=job.options),
+        job.verify_for_deletion,
+        never,
+        ByteBudget(1 << 62, never),  # a worker's memory is bounded by its threads
+        lambda entry: None,  # the coordinator keeps the ledger
+        lambda data: decoded_size(data, limit) or 0,
+        deletes=False,
+    )
+
+
+def _transcode(data: bytes, options: TranscodeOptions) -> Transcoded:
+    # Imported here: pydicom and the codecs load once per worker process, at its first task.
+    from bridge.transcode import transcode
+
+    return transcode(data, options)
+
+
+def _with_credentials(server: ServerConfig, role: str) -> ServerConfig:
+    """The server with this worker's credentials from its environment, if it has them."""
+    username = os.environ.get(f"BRIDGE_{role}_USERNAME") or server.username
+    password = os.environ.get(f"BRIDGE_{role}_PASSWORD")
+    return replace(server, username=username, password=password)

@@ -1,0 +1,140 @@
+"""The cluster engine: transfers on real Dask workers, the ledger and deletions here.
+
+The batching and splitting logic is tested with a fake Dask client; everything that talks to
+Orthanc runs against real servers, a real `dask scheduler` and two `dask worker` processes.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge import __version__
+from bridge.cluster import Batches, check_versions
+from bridge.config import ServerConfig
+from bridge.decoding import TranscodeOptions
+from bridge.errors import ConfigError
+from bridge.remote import Job, job
+from bridge.state import CONVERTED, FAILED, Entry, State
+from tests import bridgectl
+from tests.dask_cluster import DaskCluster
+from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer
+
+J2K = "GDCMJ2K_TextGBR.dcm"
+
+
+class KilledWorker(Exception):
+    """Named as Dask's own: Batches recognises it by name (Dask stays an optional extra)."""
+
+
+class FakeClient:
+    """Runs each batch at once; a batch holding "bad" kills its workers."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self.batches: list[list[str]] = []
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(2)
+
+    def nthreads(self) -> dict[str, int]:
+        return {"w0": self._threads}
+
+    def submit(self, func: Any, job: Job, ids: list[str], pure: bool) -> Future[list[Entry]]:
+        with self._lock:
+            self.batches.append(list(ids))
+
+        def run() -> list[Entry]:
+            if "bad" in ids:
+                raise KilledWorker("Attempted to run task on 3 different workers, all died")
+            return [Entry(i, None, CONVERTED) for i in ids]
+
+        return self._pool.submit(run)
+
+
+def a_job() -> Job:
+    server = ServerConfig("http://a:1", "u", "secret")
+    return job(server, ServerConfig("http://b:1"), TranscodeOptions(), False)
+
+
+def test_the_job_carries_no_password() -> None:
+    made = a_job()
+    assert made.source.password is None and made.source.username == "u"
+    assert made.version == __version__
+
+
+def test_instances_go_in_batches_and_each_caller_gets_its_own_outcome() -> None:
+    client = FakeClient()
+    batches = Batches(client, a_job(), 4, threading.Event())
+    try:
+        with ThreadPoolExecutor(10) as pool:
+            entries = list(pool.map(batches.transfer, [f"i{n}" for n in range(10)]))
+    finally:
+        batches.close()
+    assert [e.instance_id for e in entries] == [f"i{n}" for n in range(10)]
+    assert all(len(b) <= 4 for b in client.batches)
+    assert len(client.batches) < 10  # they were grouped
+    assert sorted(i for b in client.batches for i in b) == sorted(f"i{n}" for n in range(10))
+
+
+def test_a_batch_that_kills_workers_is_split_until_the_culprit_is_alone() -> None:
+    client = FakeClient()
+    batches = Batches(client, a_job(), 8, threading.Event())
+    names = ["a", "b", "c", "bad", "e", "f", "g", "h"]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            entries = dict(zip(names, pool.map(batches.transfer, names), strict=True))
+    finally:
+        batches.close()
+    assert entries["bad"].state == FAILED
+    assert "killed every cluster worker" in str(entries["bad"].error)
+    assert all(entries[n].state == CONVERTED for n in names if n != "bad")
+    assert ["bad"] in client.batches
+
+
+def test_workers_of_another_version_are_refused() -> None:
+    class Versions:
+        def run(self, func: Any, on_error: str) -> dict[str, object]:
+            return {"tcp://w0": __version__, "tcp://w1": "0.0.1", "tcp://w2": ImportError("x")}
+
+    with pytest.raises(ConfigError) as refused:
+        check_versions(Versions())
+    message = str(refused.value)
+    assert "tcp://w1 runs 0.0.1" in message and "tcp://w2 runs none (ImportError" in message
+    assert "tcp://w0" not in message
+
+
+def test_catch_up_on_two_dask_workers_converts_and_deletes_every_original(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    uploaded = bridgectl.upload_variants(source, J2K, 40)
+    cluster = DaskCluster(tmp_path / "dask", 2, bridgectl.env(source, target))
+    cluster.start()
+    try:
+        config = bridgectl.write_config(
+            tmp_path,
+            source,
+            target,
+            delete_original=True,
+            cluster={"scheduler": cluster.address, "batch_size": 4},
+        )
+        result = bridgectl.run("catch-up", config, source, target, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert "40 converted" in result.stdout
+        assert "2 workers" in result.stderr
+    finally:
+        cluster.stop()
+    held = bridgectl.wait_for_count(target, 40)
+    assert set(held) == uploaded
+    assert {target.transfer_syntax(i) for i in held} == {EXPLICIT_VR_LITTLE_ENDIAN}
+    assert source.instances() == []
+    state = State(tmp_path / "state", read_only=True)
+    try:
+        entries = state.entries((CONVERTED,))
+    finally:
+        state.close()
+    assert {e.instance_id for e in entries} == uploaded
+    assert all(e.deleted_original for e in entries)
