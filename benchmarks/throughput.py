@@ -1,7 +1,7 @@
 """Throughput of the bridge against the naive loop and against the machine's limits.
 
 Run as `python benchmarks/throughput.py [--count N] [--workers W] [--repeat R] [--grow]
-[--only naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,observed]
+[--only naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,cluster,observed]
 [--json out.json]`.
 
 One corpus of CT-like 512x512 16-bit slices (smooth anatomy plus noise, -1000..2000 HU stored
@@ -27,6 +27,10 @@ timed), every variant writes into a fresh, empty B. Measured, on the same corpus
   bridge  `python -m bridge catch-up -c bridge.yaml` as a subprocess, fresh state, its wall time
           from start to exit (interpreter start-up, process pool start-up included), with its
           HTTP server off (http_listen: "")
+  bridge (cluster)
+          the same with `cluster:` set: the transfers run on a Dask scheduler and two
+          single-threaded `dask worker` processes on this machine (started before timing), the
+          coordinator keeping the feed and the ledger: the cluster engine's overhead
   bridge (observed)
           the same with the HTTP server on, /metrics scraped every second and the status page
           loaded every 5 s while it runs (Prometheus scrapes every 15 s by default)
@@ -76,6 +80,7 @@ if str(REPO) not in sys.path:
 
 from bridge.decoding import DecoderPool, TranscodeOptions  # noqa: E402
 from bridge.orthanc import instance_id  # noqa: E402
+from tests.dask_cluster import DaskCluster  # noqa: E402
 from tests.orthanc import OrthancServer, cpu_seconds, free_ports  # noqa: E402
 from tests.transcode_support import j2k_monochrome  # noqa: E402
 
@@ -443,6 +448,7 @@ def bridge(
     workdir: Path,
     label: str = "bridge",
     observed: bool = False,
+    scheduler: str | None = None,
 ) -> Result:
     """`python -m bridge catch-up` on a fresh state directory, memory sampled over its tree;
     `observed`: with its HTTP server on, scraped while it runs."""
@@ -456,6 +462,8 @@ def bridge(
         "state_dir": str(run_dir / "state"),
         "http_listen": f"127.0.0.1:{port}" if observed else "",
     }
+    if scheduler:
+        config["cluster"] = {"scheduler": scheduler}
     if workers:
         config["workers"] = workers
     (run_dir / "bridge.yaml").write_text(json.dumps(config))  # JSON is YAML
@@ -495,6 +503,19 @@ def bridge(
             "scrapes": scraper.counts,
         },
     )
+
+
+def _on_cluster(
+    source: OrthancServer, target: OrthancServer, count: int, workers: int, workdir: Path
+) -> Result:
+    """The bridge's catch-up with its transfers on `workers` single-threaded Dask workers."""
+    env = dict(os.environ)
+    cluster = DaskCluster(workdir / "dask", workers, env)
+    cluster.start()
+    try:
+        return bridge(source, target, count, workers, workdir, "cluster", scheduler=cluster.address)
+    finally:
+        cluster.stop()
 
 
 class Scraper:
@@ -616,6 +637,8 @@ def _ratios(rounds: list[dict[str, Result]]) -> dict[str, list[float]]:
                 found["bridge_over_naive_plain"] = bridge_run.rate / runs["naive (no gzip)"].rate
             if "naive (gdcm)" in runs:
                 found["bridge_over_naive_gdcm"] = bridge_run.rate / runs["naive (gdcm)"].rate
+            if "bridge (cluster)" in runs:
+                found["cluster_over_bridge"] = runs["bridge (cluster)"].rate / bridge_run.rate
             if "bridge (observed)" in runs:
                 observed = runs["bridge (observed)"]
                 found["observed_over_bridge"] = observed.rate / bridge_run.rate
@@ -664,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,observed",
+        default="naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,cluster,observed",
         help="variants to run",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
@@ -751,6 +774,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lambda t: bridge(servers.source, t, args.count, workers, workdir),
                     args.count,
                 )),
+                ("cluster", "bridge (cluster)", lambda: _measure(
+                    servers,
+                    "bridge (cluster)",
+                    lambda t: _on_cluster(servers.source, t, args.count, workers, workdir),
+                    args.count,
+                )),
                 ("observed", "bridge (observed)", lambda: _measure(
                     servers,
                     "bridge (observed)",
@@ -808,6 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bridge_over_naive", "bridge / naive"),
         ("bridge_over_naive_plain", "bridge / naive (no gzip)"),
         ("bridge_over_naive_gdcm", "bridge / naive (gdcm)"),
+        ("cluster_over_bridge", "bridge (cluster) / bridge: the cluster engine's overhead"),
         ("observed_over_bridge", "bridge (observed) / bridge: what the HTTP server costs"),
         ("observed_cpu_over_bridge", "the same in instances per CPU second of the bridge"),
     ):

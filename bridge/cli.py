@@ -151,12 +151,17 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
+    where = (
+        f"on the Dask cluster at {config.cluster.scheduler}"
+        if config.cluster
+        else f"with {config.worker_count} decoding processes"
+    )
     log.info(
-        "orthanc-bridge %s: following %s, converting into %s, %d decoding processes",
+        "orthanc-bridge %s: following %s, converting into %s %s",
         __version__,
         config.source.url,
         config.target.url,
-        config.worker_count,
+        where,
     )
     summary = _with_pipeline(config, "run", lambda pipeline, _s, _t: pipeline.follow(forever=True))
     if summary.stopped_by:

@@ -17,10 +17,11 @@ retry policy, while the Dask client reconnects by itself.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,8 +44,6 @@ log = logging.getLogger(__name__)
 # How long a partial batch waits for more instances before it leaves.
 _LINGER = 0.02
 _POLL = 0.2
-# What a batch raises when the scheduler (or the client's connection to it) was lost.
-_LOST = ("CancelledError", "CommClosedError", "FutureCancelledError")
 
 
 class ClusterError(TransientError):
@@ -133,6 +132,9 @@ class Batches:
         self._room = threading.BoundedSemaphore(max(2, 2 * threads))
         self.limit = max(2, 2 * threads) * batch_size  # instances worth having in flight
         self._closed = False
+        self._inflight: dict[int, list[_Waiting]] = {}
+        self._keys = itertools.count()
+        self._disconnected = False
         self._thread = threading.Thread(target=self._send_batches, name="cluster", daemon=True)
         self._thread.start()
 
@@ -161,17 +163,42 @@ class Batches:
             batch = self._next_batch()
             if batch is None:
                 return
+            self._watch_connection()
+            if not batch:
+                continue
             while not self._room.acquire(timeout=_POLL):
                 if self._closed:
                     return
+                self._watch_connection()
             self._submit(batch)
 
+    def _watch_connection(self) -> None:
+        """After the client lost its scheduler and reconnected, nothing sent before will ever
+        answer (a new scheduler knows none of it): fail those batches so that they are sent
+        again. Running one twice is safe; only the first outcome is kept."""
+        status = getattr(self._client, "status", "running")
+        if status != "running":
+            self._disconnected = True
+        elif self._disconnected:
+            self._disconnected = False
+            with self._lock:
+                lost = list(self._inflight)
+            if lost:
+                log.warning(
+                    "cluster: reconnected to the scheduler; sending %d batches again", len(lost)
+                )
+            for key in lost:
+                self._settle(key, ClusterError("cluster: the scheduler was lost while it ran"))
+
     def _next_batch(self) -> list[_Waiting] | None:
+        """The next batch to send; [] when none came within a moment, None once closed."""
         with self._lock:
-            while not self._queue and not self._split:
-                if self._closed:
-                    return None
+            if self._closed:
+                return None
+            if not self._queue and not self._split:
                 self._lock.wait(_POLL)
+                if not self._queue and not self._split:
+                    return []
             if self._split:
                 return self._split.popleft()
             if len(self._queue) < self._size:
@@ -182,48 +209,63 @@ class Batches:
 
     def _submit(self, batch: list[_Waiting]) -> None:
         ids = [w.instance_id for w in batch]
+        key = next(self._keys)
+        with self._lock:
+            self._inflight[key] = batch
         try:
             future = self._client.submit(transfer_batch, self._job, ids, pure=False)
         except Exception as exc:  # the client lost its scheduler
-            self._room.release()
-            self._fail(batch, ClusterError(f"cluster: cannot send a batch: {exc}"))
+            self._settle(key, ClusterError(f"cluster: cannot send a batch: {exc}"))
             return
-        future.add_done_callback(lambda done: self._finished(done, batch))
+        future.add_done_callback(lambda done: self._finished(done, key))
 
-    def _finished(self, done: Any, batch: list[_Waiting]) -> None:
-        self._room.release()
+    def _finished(self, done: Any, key: int) -> None:
         try:
             entries: list[Entry] = done.result()
         except (TransientError, AccessDenied) as exc:
-            self._fail(batch, exc)
-            return
+            self._settle(key, exc)
+        except CancelledError as exc:  # the scheduler was lost, or the client closed
+            self._settle(key, ClusterError(f"cluster: a batch was lost: {exc!r}"))
         except Exception as exc:
             if type(exc).__name__ == "KilledWorker":
-                self._killed(batch, exc)
-            elif type(exc).__name__ in (
-                "CancelledError",
-                "CommClosedError",
-                "FutureCancelledError",
-            ):
-                self._fail(batch, ClusterError(f"cluster: a batch was lost: {exc!r}"))
+                batch = self._settle(key, None)
+                if batch:
+                    self._killed(batch, exc)
+            elif type(exc).__name__ == "CommClosedError":
+                self._settle(key, ClusterError(f"cluster: a batch was lost: {exc!r}"))
             else:
-                self._fail(batch, exc)
-            return
-        for waiting, entry in zip(batch, entries, strict=True):
-            waiting.outcome.set_result(entry)
+                self._settle(key, exc)
+        else:
+            batch = self._settle(key, None)
+            for waiting, entry in zip(batch or [], entries, strict=False):
+                _resolve(waiting.outcome, entry)
+
+    def _settle(self, key: int, error: BaseException | None) -> list[_Waiting] | None:
+        """Take batch `key` out of flight (once: a late answer finds it gone) and give its
+        callers `error`, if any; the batch, or None if it was already settled."""
+        with self._lock:
+            batch = self._inflight.pop(key, None)
+        if batch is None:
+            return None
+        self._room.release()
+        if error is not None:
+            for waiting in batch:
+                _resolve(waiting.outcome, error)
+        return batch
 
     def _killed(self, batch: list[_Waiting], exc: Exception) -> None:
         """A batch killed the workers that ran it: split it to find the instance to blame."""
         if len(batch) == 1:
             waiting = batch[0]
-            waiting.outcome.set_result(
+            _resolve(
+                waiting.outcome,
                 Entry(
                     waiting.instance_id,
                     None,
                     FAILED,
                     error="its transfer killed every cluster worker that ran it (a decoder "
                     "crash or out of memory)",
-                )
+                ),
             )
             return
         log.warning(
@@ -235,10 +277,18 @@ class Batches:
             self._split.extend((batch[:half], batch[half:]))
             self._lock.notify()
 
-    @staticmethod
-    def _fail(batch: list[_Waiting], exc: BaseException) -> None:
-        for waiting in batch:
-            waiting.outcome.set_exception(exc)
+
+def _resolve(outcome: Future[Entry], result: Entry | BaseException) -> None:
+    """Give a waiting caller its result, unless an earlier one was given already."""
+    if outcome.done():
+        return
+    try:
+        if isinstance(result, BaseException):
+            outcome.set_exception(result)
+        else:
+            outcome.set_result(result)
+    except InvalidStateError:
+        pass  # resolved meanwhile by another thread
 
 
 class ClusterTransfer:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from bridge import __version__
 from bridge.budget import ByteBudget
 from bridge.config import ServerConfig
-from bridge.decoding import Transcoded, TranscodeOptions
+from bridge.decoding import DecoderPool, TranscodeOptions
 from bridge.feed import NewInstance
 from bridge.header import decoded_size
 from bridge.orthanc import OrthancClient
@@ -68,6 +68,9 @@ def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
     A server that stays down raises TransientError: the coordinator sends the batch again.
     """
     transfer = _transfer(job)
+    # One at a time. Three at a time, overlapping one's network I/O with another's decoding,
+    # hung a worker now and then (an upload never answered while the decoding process waited
+    # for input; not understood yet), so the overlap is left to Dask's own threads.
     return [transfer.run(NewInstance(-1, iid)) for iid in instance_ids]
 
 
@@ -81,10 +84,14 @@ def _transfer(job: Job) -> Transfer:
     source = OrthancClient(_with_credentials(job.source, "SOURCE"), "source", retry)
     target = OrthancClient(_with_credentials(job.target, "TARGET"), "target", retry)
     limit = job.options.max_decoded_bytes
+    # Decoding in a decoding process of the worker's own, as on one machine: the same memory
+    # and time limits, a decoder crash costs that process, not the Dask worker, and no decoder
+    # runs in a thread beside Dask's (OpenJPEG once hung a worker that way, holding the GIL).
+    decoder = DecoderPool(1, job.options, never)
     return Transfer(
         source,
         target,
-        functools.partial(_transcode, options=job.options),
+        decoder.decode,
         job.verify_for_deletion,
         never,
         ByteBudget(1 << 62, never),  # a worker's memory is bounded by its threads
@@ -92,13 +99,6 @@ def _transfer(job: Job) -> Transfer:
         lambda data: decoded_size(data, limit) or 0,
         deletes=False,
     )
-
-
-def _transcode(data: bytes, options: TranscodeOptions) -> Transcoded:
-    # Imported here: pydicom and the codecs load once per worker process, at its first task.
-    from bridge.transcode import transcode
-
-    return transcode(data, options)
 
 
 def _with_credentials(server: ServerConfig, role: str) -> ServerConfig:

@@ -23,6 +23,7 @@ from bridge.state import CONVERTED, FAILED, Entry, State
 from tests import bridgectl
 from tests.dask_cluster import DaskCluster
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer
+from tests.polling import wait_for
 
 J2K = "GDCMJ2K_TextGBR.dcm"
 
@@ -136,5 +137,72 @@ def test_catch_up_on_two_dask_workers_converts_and_deletes_every_original(
         entries = state.entries((CONVERTED,))
     finally:
         state.close()
+    assert {e.instance_id for e in entries} == uploaded
+    assert all(e.deleted_original for e in entries)
+
+
+def test_nothing_lost_when_a_worker_the_scheduler_and_the_coordinator_are_killed(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    copies = bridgectl.variants(J2K, 300)
+    cluster = DaskCluster(tmp_path / "dask", 2, bridgectl.env(source, target))
+    cluster.start()
+    config = bridgectl.write_config(
+        tmp_path,
+        source,
+        target,
+        delete_original=True,
+        cluster={"scheduler": cluster.address, "batch_size": 4},
+    )
+    uploaded: set[str] = set()
+
+    def stream() -> None:  # the PACS keeps sending while everything below happens
+        for data in copies:
+            uploaded.add(str(source.upload(data)["ID"]))
+
+    sender = threading.Thread(target=stream)
+    log = tmp_path / "bridge.log"
+    bridge = bridgectl.start("run", config, source, target, log)
+    sender.start()
+    try:
+
+        def held(count: int) -> bool:
+            return len(target.instances()) >= count
+
+        wait_for(lambda: held(40), 120, "40 instances converted")
+        cluster.workers[0].kill()  # mid-run: its batch is run again elsewhere
+        cluster.workers[0].start()
+        wait_for(lambda: held(120), 120, "120 instances converted")
+        cluster.scheduler.kill()  # the workers leave with it; their supervisor restarts them
+        for worker in cluster.workers:
+            worker.kill()
+        cluster.scheduler.start()
+        for worker in cluster.workers:
+            worker.start()
+        wait_for(lambda: held(200), 180, "200 instances converted after the scheduler's loss")
+        bridgectl.kill(bridge)  # the coordinator, SIGKILL
+        bridge = bridgectl.start("run", config, source, target, log)
+        sender.join(timeout=120)
+        wait_for(
+            lambda: held(300) and not source.instances(),
+            240,
+            "all 300 in the target and none left in the source",
+            interval=0.5,
+        )
+    finally:
+        bridgectl.kill(bridge)
+        sender.join(timeout=60)
+        cluster.stop()
+    assert len(uploaded) == 300
+    ids = target.instances()
+    assert len(ids) == 300 and set(ids) == uploaded  # each once
+    assert {target.transfer_syntax(i) for i in ids[::30]} == {EXPLICIT_VR_LITTLE_ENDIAN}
+    state = State(tmp_path / "state", read_only=True)
+    try:
+        counts = state.counts()
+        entries = state.entries((CONVERTED,), limit=1000)
+    finally:
+        state.close()
+    assert counts == {CONVERTED: 300}, counts
     assert {e.instance_id for e in entries} == uploaded
     assert all(e.deleted_original for e in entries)
