@@ -108,20 +108,28 @@ def test_workers_of_another_version_are_refused() -> None:
     assert "tcp://w0" not in message
 
 
+def started_cluster(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> tuple[DaskCluster, Path]:
+    """A running scheduler with two workers, and a bridge.yaml that deletes originals."""
+    cluster = DaskCluster(tmp_path / "dask", 2, bridgectl.env(source, target))
+    cluster.start()
+    config = bridgectl.write_config(
+        tmp_path,
+        source,
+        target,
+        delete_original=True,
+        cluster={"scheduler": cluster.address, "batch_size": 4},
+    )
+    return cluster, config
+
+
 def test_catch_up_on_two_dask_workers_converts_and_deletes_every_original(
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
     uploaded = bridgectl.upload_variants(source, J2K, 40)
-    cluster = DaskCluster(tmp_path / "dask", 2, bridgectl.env(source, target))
-    cluster.start()
+    cluster, config = started_cluster(source, target, tmp_path)
     try:
-        config = bridgectl.write_config(
-            tmp_path,
-            source,
-            target,
-            delete_original=True,
-            cluster={"scheduler": cluster.address, "batch_size": 4},
-        )
         result = bridgectl.run("catch-up", config, source, target, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "40 converted" in result.stdout
@@ -145,15 +153,7 @@ def test_nothing_lost_when_a_worker_the_scheduler_and_the_coordinator_are_killed
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
     copies = bridgectl.variants(J2K, 300)
-    cluster = DaskCluster(tmp_path / "dask", 2, bridgectl.env(source, target))
-    cluster.start()
-    config = bridgectl.write_config(
-        tmp_path,
-        source,
-        target,
-        delete_original=True,
-        cluster={"scheduler": cluster.address, "batch_size": 4},
-    )
+    cluster, config = started_cluster(source, target, tmp_path)
     uploaded: set[str] = set()
 
     def stream() -> None:  # the PACS keeps sending while everything below happens
