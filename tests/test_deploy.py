@@ -31,7 +31,14 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
 SERVICES = {"orthanc-source", "orthanc-target", "bridge"}
 # Started only with `--profile monitoring` (tests/test_monitoring.py checks them).
-PROFILED = {"prometheus": ["monitoring"], "grafana": ["monitoring"]}
+PROFILED = {
+    "prometheus": ["monitoring"],
+    "grafana": ["monitoring"],
+    "dask-scheduler": ["cluster"],
+    "dask-worker": ["cluster"],
+}
+# Services that run the bridge's own image, built by the stack.
+OWN_IMAGE = {"bridge", "dask-scheduler", "dask-worker"}
 VOLUMES = {"bridge-state", "orthanc-source-db", "orthanc-target-db"}
 MONITORING_VOLUMES = {"prometheus-data", "grafana-data"}
 SECRETS = {"ORTHANC_SOURCE_PASSWORD": "pw-source-7f3a", "ORTHANC_TARGET_PASSWORD": "pw-target-91c2"}
@@ -101,7 +108,7 @@ def test_compose_has_the_three_services_with_health_checks(rendered: dict[str, A
     for name, service in services.items():
         assert service["healthcheck"]["test"], name
         assert service["restart"] == "unless-stopped", name
-    for name in set(services) - {"bridge"}:
+    for name in set(services) - OWN_IMAGE:
         image = services[name]["image"]
         assert re.fullmatch(r"[\w./-]+:v?\d[\w.-]*", image), f"{name}: pin a version, not {image}"
     bridge = services["bridge"]
@@ -134,11 +141,15 @@ def test_compose_keeps_state_and_storage_in_named_volumes(rendered: dict[str, An
 
 
 def test_compose_takes_every_password_from_the_environment(rendered: dict[str, Any]) -> None:
-    environments = {name: s["environment"] for name, s in rendered["services"].items()}
+    environments = {name: s.get("environment", {}) for name, s in rendered["services"].items()}
     assert environments["bridge"]["BRIDGE_SOURCE_PASSWORD"] == SECRETS["ORTHANC_SOURCE_PASSWORD"]
     assert environments["bridge"]["BRIDGE_TARGET_PASSWORD"] == SECRETS["ORTHANC_TARGET_PASSWORD"]
     assert environments["orthanc-source"]["ORTHANC_PASSWORD"] == SECRETS["ORTHANC_SOURCE_PASSWORD"]
     assert environments["orthanc-target"]["ORTHANC_PASSWORD"] == SECRETS["ORTHANC_TARGET_PASSWORD"]
+    # Dask workers read the servers' credentials from their own environment.
+    worker = environments["dask-worker"]
+    assert worker["BRIDGE_SOURCE_PASSWORD"] == SECRETS["ORTHANC_SOURCE_PASSWORD"]
+    assert worker["BRIDGE_TARGET_PASSWORD"] == SECRETS["ORTHANC_TARGET_PASSWORD"]
     # In the files themselves, every password is a required variable, never a value.
     raw = yaml.safe_load(COMPOSE_FILE.read_text())
     for name, service in raw["services"].items():
