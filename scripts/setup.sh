@@ -6,8 +6,10 @@
 # docker-compose (validates deploy/docker-compose.yml; no docker engine needed), openssl
 # (a certificate for the HTTPS test), chromium (the status page test renders the page in a real
 # browser), systemd (systemd-analyze verifies the unit file), prometheus (its promtool checks
-# deploy/monitoring; the server itself is never started) and python3-venv. Then .venv
-# with the project and its [test,gpl,cluster] extras.
+# deploy/monitoring; the server itself is never started), postgresql and orthanc-postgresql (the
+# tests start their own PostgreSQL 15 as the shared index of an Orthanc cluster; the packaged
+# service is disabled) and python3-venv. Then .venv with the project and its [test,gpl,cluster]
+# extras.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -28,6 +30,10 @@ missing_packages() {
     command -v chromium >/dev/null || echo chromium
     command -v systemd-analyze >/dev/null || echo systemd
     command -v promtool >/dev/null || echo prometheus
+    # Not on PATH: Debian keeps the server binaries in a versioned directory.
+    [ -x /usr/lib/postgresql/15/bin/postgres ] && [ -x /usr/lib/postgresql/15/bin/initdb ] \
+        || echo postgresql
+    [ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || echo orthanc-postgresql
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
 }
 
@@ -75,6 +81,7 @@ if [ "${#packages[@]}" -gt 0 ]; then
 fi
 disable_service orthanc
 disable_service prometheus
+disable_service postgresql
 
 if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $("$PYTHON" --version)"

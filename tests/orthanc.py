@@ -102,11 +102,15 @@ def require_binary(binary: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} not found at {binary}: {INSTALL_HINT}")
 
 
-class _Process:
-    """One child process in its own session, logging to a file, stopped by pid."""
+class ChildProcess:
+    """One child process in its own session, logging to a file, stopped by pid.
 
-    def __init__(self, log_path: Path) -> None:
+    `stop_signal` asks it to stop (SIGTERM for Orthanc; PostgreSQL's fast shutdown is SIGINT).
+    """
+
+    def __init__(self, log_path: Path, stop_signal: int = signal.SIGTERM) -> None:
         self.log_path = log_path
+        self.stop_signal = stop_signal
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._terminated = False
@@ -148,7 +152,7 @@ class _Process:
         """Send SIGTERM without waiting, so that several processes shut down in parallel."""
         # Once only: a second SIGTERM makes Orthanc exit at once, skipping its clean shutdown.
         if self._proc is not None and self._proc.poll() is None and not self._terminated:
-            self._proc.send_signal(signal.SIGTERM)
+            self._proc.send_signal(self.stop_signal)
             self._terminated = True
 
     def kill(self, what: str) -> ProcessFailed | None:
@@ -186,7 +190,7 @@ class _Process:
 
 
 # Safety net for an interrupted session: no test server outlives the pytest process.
-_LIVE: weakref.WeakSet[_Process] = weakref.WeakSet()
+_LIVE: weakref.WeakSet[ChildProcess] = weakref.WeakSet()
 
 
 @atexit.register
@@ -244,7 +248,7 @@ class OrthancServer:
         self.http_port, self.dicom_port = free_ports(2)
         self.config_path = workdir / "orthanc.json"
         self.log_path = workdir / "orthanc.log"
-        self._process = _Process(self.log_path)
+        self._process = ChildProcess(self.log_path)
         self.session = requests.Session()
         if self.users:
             self.session.auth = next(iter(self.users.items()))
@@ -422,7 +426,7 @@ class StoreSCP:
         self.output_dir = workdir / "received"
         self.log_path = workdir / "storescp.log"
         (self.port,) = free_ports(1)
-        self._process = _Process(self.log_path)
+        self._process = ChildProcess(self.log_path)
 
     def __repr__(self) -> str:
         return f"StoreSCP({self.aet}@127.0.0.1:{self.port})"
