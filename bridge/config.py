@@ -95,6 +95,7 @@ class Config:
     workers: int = 0
     poll_interval: float = 1.0
     page_size: int = 1000
+    recheck_changes: int = 0
     max_decoded_mb: int = 2048
     max_inflight_mb: int = 1024
     decode_timeout: float = 120.0
@@ -212,6 +213,7 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
         workers=top.take("workers", int, defaults.workers),
         poll_interval=top.take("poll_interval", float, defaults.poll_interval),
         page_size=top.take("page_size", int, defaults.page_size),
+        recheck_changes=top.take("recheck_changes", int, defaults.recheck_changes),
         max_decoded_mb=top.take("max_decoded_mb", int, defaults.max_decoded_mb),
         max_inflight_mb=top.take("max_inflight_mb", int, defaults.max_inflight_mb),
         decode_timeout=top.take("decode_timeout", float, defaults.decode_timeout),
@@ -300,6 +302,10 @@ def _check_ranges(config: Config) -> None:
     _positive("poll_interval", config.poll_interval)
     if not 1 <= config.page_size <= 10000:
         raise ConfigError(f"page_size: must be between 1 and 10000, got {config.page_size}")
+    if not 0 <= config.recheck_changes <= 10000:
+        raise ConfigError(
+            f"recheck_changes: must be between 0 and 10000, got {config.recheck_changes}"
+        )
     _positive("max_decoded_mb", config.max_decoded_mb)
     _positive("max_inflight_mb", config.max_inflight_mb)
     _positive("decode_timeout", config.decode_timeout)

@@ -8,13 +8,14 @@ raised as FeedResetError, never silently skipped.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bridge.errors import FeedResetError
-from bridge.orthanc import ChangesPage, OrthancClient
+from bridge.orthanc import Change, ChangesPage, OrthancClient
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,18 @@ def follow(
     poll_interval: float,
     forever: bool,
     on_page: Callable[[ChangesPage], None] = lambda page: None,
+    recheck: int = 0,
 ) -> Iterator[Event]:
     """Yield events after `since`; stop at the end of the log unless `forever`.
 
     `on_page` sees every page as it arrives, the empty ones of an idle source included.
+    `recheck` > 0: each time the end of the log is reached, the last `recheck` sequence numbers
+    are read again, and an instance arrival that was not there before is yielded (late, below
+    the cursor). An Orthanc cluster on PostgreSQL in ReadCommitted mode can make a change
+    visible after a higher one was read; without this it would never be seen. Each arrival is
+    yielded once per process; the pipeline skips those its ledger already holds.
     """
+    seen: collections.OrderedDict[int, None] = collections.OrderedDict()
     while not stop.is_set():
         page = client.changes(since, page_size)
         on_page(page)
@@ -60,13 +68,38 @@ def follow(
                 "the source database was reset or replaced"
             )
         for change in page.changes:
-            if change.change_type == "NewInstance" and change.resource_type == "Instance":
+            if _arrival(change):
+                _remember(seen, change.seq, recheck)
                 yield NewInstance(change.seq, change.resource_id)
         if page.changes:
             since = page.changes[-1].seq
             yield Scanned(since)
+        if page.done and recheck and since > 0:
+            for change in client.changes(max(0, since - recheck), recheck).changes:
+                if change.seq <= since and _arrival(change) and change.seq not in seen:
+                    log.warning(
+                        "change %d (instance %s) appeared after change %d had been read; "
+                        "processing it now",
+                        change.seq,
+                        change.resource_id,
+                        since,
+                    )
+                    _remember(seen, change.seq, recheck)
+                    yield NewInstance(change.seq, change.resource_id)
         if page.done:
             if not forever:
                 return
             # Caught up: wait for new rows, waking at once on shutdown.
             stop.wait(poll_interval)
+
+
+def _arrival(change: Change) -> bool:
+    return change.change_type == "NewInstance" and change.resource_type == "Instance"
+
+
+def _remember(seen: collections.OrderedDict[int, None], seq: int, recheck: int) -> None:
+    """Note a yielded arrival; only the window that is read again needs remembering."""
+    if recheck:
+        seen[seq] = None
+        while len(seen) > 2 * recheck:
+            seen.popitem(last=False)

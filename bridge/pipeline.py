@@ -286,6 +286,7 @@ class Pipeline:
             poll_interval=self.config.poll_interval,
             forever=forever,
             on_page=self._polled,
+            recheck=self.config.recheck_changes,
         )
         for event in events:
             if self.stop.is_set():
