@@ -215,8 +215,8 @@ class Pipeline:
 
     @property
     def decoders_configured(self) -> int:
-        """The decoding processes the pipeline keeps."""
-        return self.config.worker_count
+        """The decoding processes the pipeline keeps here (none: the cluster's workers decode)."""
+        return 0 if self._decoder is None else self.config.worker_count
 
     # --- entry points ---------------------------------------------------------------------
 
