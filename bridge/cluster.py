@@ -21,6 +21,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future, InvalidStateError
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,6 +39,7 @@ from bridge.orthanc import OrthancClient
 from bridge.remote import Job, transfer_batch, version
 from bridge.retry import RetryPolicy
 from bridge.state import CONVERTED, DELETING, FAILED, Entry
+from bridge.transfer import outcome_fields
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +302,7 @@ class ClusterTransfer:
         source: OrthancClient,
         delete_original: bool,
         retry: RetryPolicy,
-        record: Any,
+        record: Callable[[Entry], None],
     ) -> None:
         self._batches = batches
         self._source = source
@@ -318,17 +320,13 @@ class ClusterTransfer:
             self._record(replace(entry, state=DELETING))
             self._source.delete(iid)  # one already gone is not an error
             entry = replace(entry, deleted_original=True)
+        fields = outcome_fields(iid, entry.state, entry.source_syntax, started)
         log.info(
-            "instance %s: %s on the cluster in %.0f ms%s",
+            "instance %s: %s on the cluster in %d ms%s",
             iid,
             entry.state,
-            (time.monotonic() - started) * 1000,
+            fields["ms"],
             f": {entry.error}" if entry.error else "",
-            extra={
-                "instance": iid,
-                "outcome": entry.state,
-                "source_syntax": entry.source_syntax,
-                "ms": round((time.monotonic() - started) * 1000),
-            },
+            extra=fields,
         )
         return entry

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -234,20 +234,3 @@ def watch(
     INFLIGHT_INSTANCES.set_function(lambda: inflight()[0])
     INFLIGHT_BYTES.set_function(lambda: inflight()[1])
     DECODERS.set_function(decoders)
-
-
-def samples(name: str) -> Iterator[tuple[dict[str, str], float]]:
-    """(labels, value) of every sample named `name` now: for the status page and tests."""
-    for metric in REGISTRY.collect():
-        for sample in metric.samples:
-            if sample.name == name:
-                yield sample.labels, sample.value
-
-
-def total(name: str, **labels: str) -> float:
-    """The sum of the samples named `name` whose labels include `labels`."""
-    return sum(
-        value
-        for have, value in samples(name)
-        if all(have.get(key) == want for key, want in labels.items())
-    )

@@ -82,7 +82,7 @@ class Transfer:
             log.warning(
                 "instance %s: deleted from the source before it was converted",
                 iid,
-                extra=_event(iid, VANISHED, None, started),
+                extra=outcome_fields(iid, VANISHED, None, started),
             )
             return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
         # What the file says, until the decoder reads it properly: failures are counted and
@@ -108,7 +108,7 @@ class Transfer:
                     "instance %s: kept in the source, unsupported: %s",
                     iid,
                     reason,
-                    extra=_event(iid, UNSUPPORTED, syntax, started),
+                    extra=outcome_fields(iid, UNSUPPORTED, syntax, started),
                 )
                 return Entry(iid, item.seq, UNSUPPORTED, syntax, reason, _since(started))
             except PermanentError as exc:
@@ -117,7 +117,7 @@ class Transfer:
                     "instance %s: kept in the source, failed: %s",
                     iid,
                     reason,
-                    extra=_event(iid, FAILED, syntax, started),
+                    extra=outcome_fields(iid, FAILED, syntax, started),
                 )
                 return Entry(iid, item.seq, FAILED, syntax, reason, _since(started))
         del result  # the target holds it now
@@ -138,7 +138,7 @@ class Transfer:
             syntax,
             seconds * 1000,
             ", original deleted" if deleted else "",
-            extra=_event(iid, state, syntax, started),
+            extra=outcome_fields(iid, state, syntax, started),
         )
         return Entry(iid, item.seq, state, syntax, None, seconds, deleted)
 
@@ -177,8 +177,8 @@ def _since(started: float) -> float:
     return time.monotonic() - started
 
 
-def _event(iid: str, outcome: str, syntax: str | None, started: float) -> dict[str, object]:
-    """The fields of an instance's outcome that JSON logs carry (bridge.logs)."""
+def outcome_fields(iid: str, outcome: str, syntax: str | None, started: float) -> dict[str, object]:
+    """The fields of an instance's outcome that JSON logs carry (bridge.logs.EVENT_FIELDS)."""
     return {
         "instance": iid,
         "outcome": outcome,
