@@ -33,15 +33,20 @@ MIB = 1024 * 1024
 class ServerConfig:
     """How to reach one Orthanc server."""
 
-    url: str
+    url: str  # the first node: the one the feed reads while it answers
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout: float = 60.0
     verify_tls: bool | str = True
+    # Every node of an Orthanc cluster (servers sharing one database and storage), `url`
+    # first; transfers spread over them. One node, or a load balancer: just (url,).
+    nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Normalise once so that every request can append "/path" without doubling slashes.
-        object.__setattr__(self, "url", self.url.rstrip("/"))
+        nodes = tuple(node.rstrip("/") for node in (self.nodes or (self.url,)))
+        object.__setattr__(self, "nodes", nodes)
+        object.__setattr__(self, "url", nodes[0])
 
 
 @dataclass(frozen=True)
@@ -172,13 +177,25 @@ def _positive(name: str, value: float) -> None:
 
 
 def _server(section: _Section, role: str, env: Mapping[str, str]) -> ServerConfig:
-    url = section.take("url", str, required=True)
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError(f"{role}.url: expected http://host:port or https://..., got {url!r}")
-    if parts.username or parts.password:
-        # URLs end up in logs; credentials belong in username/password or the environment.
-        raise ConfigError(f"{role}.url: must not contain credentials; use {role}.username/password")
+    urls = section.take("url", object, required=True)
+    # Several URLs: the nodes of one Orthanc cluster (see ServerConfig.nodes).
+    nodes: list[str] = []
+    if urls == []:
+        raise ConfigError(f"{role}.url: expected a URL or a list of URLs, got an empty list")
+    for url in urls if isinstance(urls, list) else [urls]:
+        if not isinstance(url, str):
+            raise ConfigError(f"{role}.url: expected a URL or a list of URLs, got {_kind(url)}")
+        nodes.append(url)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{role}.url: expected http://host:port or https://..., got {url!r}")
+        if parts.username or parts.password:
+            # URLs end up in logs; credentials belong in username/password or the environment.
+            raise ConfigError(
+                f"{role}.url: must not contain credentials; use {role}.username/password"
+            )
+    if len({node.rstrip("/") for node in nodes}) != len(nodes):
+        raise ConfigError(f"{role}.url: a node is listed twice")
     username = section.take("username", str)
     password = section.take("password", str)
     timeout = section.take("timeout", float, 60.0)
@@ -192,7 +209,7 @@ def _server(section: _Section, role: str, env: Mapping[str, str]) -> ServerConfi
     password = env.get(prefix + "PASSWORD") or password
     if password and not username:
         raise ConfigError(f"{role}.username: a password is set but no username")
-    return ServerConfig(url, username, password, timeout, verify)
+    return ServerConfig(nodes[0], username, password, timeout, verify, tuple(nodes))
 
 
 def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> Config:
@@ -201,7 +218,7 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
     top = _Section(raw, "")
     source = _server(top.section("source"), "source", env)
     target = _server(top.section("target"), "target", env)
-    if source.url == target.url:
+    if set(source.nodes) & set(target.nodes):
         raise ConfigError("target.url: must differ from source.url")
     state_dir = Path(top.take("state_dir", str, "./state")).expanduser()
     defaults = Config(source, target, state_dir)

@@ -8,6 +8,7 @@ goes through the RetryPolicy it was given, so retries are declared in one place.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from bridge.retry import RetryPolicy
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
+# How long a node of a cluster that could not be reached is left out of the turns.
+_NODE_REST_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,10 @@ class OrthancClient:
     cost 0.45 ms of CPU per call against urllib3's 0.22, and the bridge makes two calls per
     instance on the main process's one core. requests still decides, once, what applies from
     the environment as it would: proxies, REQUESTS_CA_BUNDLE and ~/.netrc.
+
+    A server with several nodes (an Orthanc cluster on one database) gets its requests in
+    turn, so that transfers spread over them and a retry goes to the next node; the change
+    log is read from one node, the next one only when it stops answering.
     """
 
     def __init__(self, server: ServerConfig, role: str, retry: RetryPolicy) -> None:
@@ -95,6 +102,10 @@ class OrthancClient:
             server.url, requests.utils.get_environ_proxies(server.url)
         )
         self._http = self._manager(10)
+        self._turns = itertools.count()  # next() is atomic: threads share it without a lock
+        self._feed_node = 0  # the node the change log is read from
+        # Nodes that could not be reached, until when they are left out of the turns.
+        self._resting: dict[str, float] = {}
         # Monotonic times of the latest good answer and the latest failure (unreachable,
         # timeout, 5xx, credentials refused), for health checks and the status page.
         self.last_answer: float | None = None
@@ -257,7 +268,8 @@ class OrthancClient:
         headers: dict[str, str] | None = None,
         params: dict[str, int | str] | None = None,
     ) -> bytes:
-        url = self.server.url + path + (f"?{urlencode(params)}" if params else "")
+        base = self._node(path)
+        url = base + path + (f"?{urlencode(params)}" if params else "")
         try:
             response = self._send(method, url, body, headers)
             try:
@@ -266,19 +278,20 @@ class OrthancClient:
                 response.release_conn()
         except urllib3.exceptions.SSLError as exc:
             # A certificate problem will not fix itself: retrying forever would hide it.
-            raise Rejected(f"{label}: TLS error talking to {self.server.url}: {exc}") from None
+            raise Rejected(f"{label}: TLS error talking to {base}: {exc}") from None
         except urllib3.exceptions.NewConnectionError as exc:  # before TimeoutError: a subclass
-            raise ServerUnavailable(
-                f"{label}: cannot reach {self.server.url}: {_reason(exc)}"
-            ) from None
+            self._node_failed(path, base)
+            raise ServerUnavailable(f"{label}: cannot reach {base}: {_reason(exc)}") from None
         except urllib3.exceptions.TimeoutError:
+            self._node_failed(path, base)
             raise ServerUnavailable(
-                f"{label}: no answer from {self.server.url} within {self.server.timeout:g} s"
+                f"{label}: no answer from {base} within {self.server.timeout:g} s"
             ) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             # The connection dropped, before or during the answer (a server that died).
+            self._node_failed(path, base)
             raise ServerUnavailable(
-                f"{label}: the answer from {self.server.url} was cut short: {_reason(exc)}"
+                f"{label}: the answer from {base} was cut short: {_reason(exc)}"
             ) from None
         status = response.status
         if status < 300:
@@ -291,12 +304,46 @@ class OrthancClient:
             )
         detail = _detail(data)
         if status >= 500:
+            # On an Orthanc cluster, 503 "could not serialize access" is a transaction that
+            # lost a race with another node's: transient, like any 5xx, and the node is up.
+            self._node_failed(path, base, unreachable=False)
             raise ServerUnavailable(f"{label}: HTTP {status}{detail}")
         if status == 404:
             raise NotFound(f"{label}: not found (HTTP 404){detail}")
         if status in (401, 403):
             raise AccessDenied(f"{label}: HTTP {status}, check {self.role}.username and password")
         raise Rejected(f"{label}: HTTP {status}{detail}")
+
+    def _node(self, path: str) -> str:
+        """The node to send a request for `path` to."""
+        nodes = self.server.nodes
+        if len(nodes) == 1:
+            return nodes[0]
+        if path == "/changes":
+            return nodes[self._feed_node % len(nodes)]
+        now = time.monotonic()
+        for _ in nodes:  # the next node in turn that is not resting, if any
+            node = nodes[next(self._turns) % len(nodes)]
+            if self._resting.get(node, 0.0) <= now:
+                return node
+        return node  # all resting: try them in turn all the same
+
+    def _node_failed(self, path: str, base: str, unreachable: bool = True) -> None:
+        """After a node failed: leave it out of the turns for a while if it could not be
+        reached, and read the change log from the next node if it was the log's node."""
+        nodes = self.server.nodes
+        if len(nodes) == 1:
+            return
+        if unreachable:
+            self._resting[base] = time.monotonic() + _NODE_REST_SECONDS
+        if path == "/changes" and nodes[self._feed_node % len(nodes)] == base:
+            self._feed_node += 1
+            log.warning(
+                "%s: %s does not answer; reading the change log from %s",
+                self.role,
+                base,
+                nodes[self._feed_node % len(nodes)],
+            )
 
     def _send(
         self,

@@ -12,8 +12,11 @@ machine; it never deletes an original. The coordinator keeps the ledger and deci
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, replace
 
@@ -27,6 +30,11 @@ from bridge.orthanc import OrthancClient
 from bridge.retry import RetryPolicy
 from bridge.state import Entry
 from bridge.transfer import Transfer
+
+log = logging.getLogger(__name__)
+
+# Instances one task moves at once: one downloading, one decoding, one uploading.
+OVERLAP = 3
 
 # A worker gives up on a server after this long and lets the coordinator decide (it retries
 # the batch for ever in `run`): a worker never blocks a slot of the cluster indefinitely.
@@ -68,10 +76,55 @@ def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
     A server that stays down raises TransientError: the coordinator sends the batch again.
     """
     transfer = _transfer(job)
-    # One at a time. Three at a time, overlapping one's network I/O with another's decoding,
-    # hung a worker now and then (an upload never answered while the decoding process waited
-    # for input; not understood yet), so the overlap is left to Dask's own threads.
-    return [transfer.run(NewInstance(-1, iid)) for iid in instance_ids]
+    # A few at a time: one's download and upload overlap another's decoding, which runs in a
+    # process of its own, so that a worker's core decodes while its network waits.
+    return list(_threads().map(lambda iid: transfer.run(NewInstance(-1, iid)), instance_ids))
+
+
+def _slots() -> int:
+    """The tasks this Dask worker runs at once (1 outside a worker, as in unit tests)."""
+    try:
+        from distributed import get_worker
+
+        return max(1, get_worker().state.nthreads)
+    except (ImportError, ValueError):
+        return 1
+
+
+@functools.lru_cache(maxsize=1)
+def _threads() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that move instances, kept for the worker's life (see _quiet_profiler)."""
+    _quiet_profiler()
+    return concurrent.futures.ThreadPoolExecutor(
+        OVERLAP * _slots(), thread_name_prefix="orthanc-bridge"
+    )
+
+
+def _quiet_profiler() -> None:
+    """Stop Dask's statistical profiler in this worker when Python is older than 3.12.
+
+    It calls sys._current_frames() every 10 ms, which on 3.11 deadlocks the whole process if
+    the garbage collector frees a threading.local meanwhile (CPython gh-106883, fixed in 3.12
+    only; dask/distributed#8616). The bridge no longer leaves such garbage, but libraries it
+    uses might; the profile only feeds Dask's dashboard. Deployments set
+    DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False as well.
+    """
+    if sys.version_info >= (3, 12):
+        return
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return
+    profiler = worker.periodic_callbacks.get("profile")
+    if profiler is not None and profiler.is_running():
+        worker.loop.add_callback(profiler.stop)  # the loop's own thread stops it
+        log.warning(
+            "Dask's profiler stopped in this worker: on Python %d.%d it can deadlock the "
+            "process (CPython gh-106883); set DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False",
+            *sys.version_info[:2],
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,10 +137,10 @@ def _transfer(job: Job) -> Transfer:
     source = OrthancClient(_with_credentials(job.source, "SOURCE"), "source", retry)
     target = OrthancClient(_with_credentials(job.target, "TARGET"), "target", retry)
     limit = job.options.max_decoded_bytes
-    # Decoding in a decoding process of the worker's own, as on one machine: the same memory
-    # and time limits, a decoder crash costs that process, not the Dask worker, and no decoder
-    # runs in a thread beside Dask's (OpenJPEG once hung a worker that way, holding the GIL).
-    decoder = DecoderPool(1, job.options, never)
+    # Decoding in decoding processes of the worker's own, one per Dask thread, as on one
+    # machine: the same memory and time limits, a decoder crash costs that process, not the
+    # Dask worker, and no decoder holds the GIL in a thread beside Dask's.
+    decoder = DecoderPool(_slots(), job.options, never)
     return Transfer(
         source,
         target,

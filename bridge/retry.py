@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import tenacity
@@ -30,6 +30,14 @@ class RetryPolicy:
     max_wait: float | None = None
     initial: float = 0.5
     longest: float = 30.0
+    # One tenacity.Retrying per server label, built on first use and shared by every thread
+    # (it keeps its per-call state thread-local). Built per call, each left a threading.local
+    # for the garbage collector, and on Python 3.11 collecting one while another thread runs
+    # sys._current_frames() deadlocks the interpreter (CPython gh-106883): Dask's profiler
+    # calls that every 10 ms, and a cluster worker hung within a few hundred instances.
+    _retrying: dict[str | None, tenacity.Retrying] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def call(self, fn: Callable[[], T], server: str | None = None) -> T:
         """Run `fn`, retrying TransientError; re-raise the last one when the policy gives up.
@@ -38,6 +46,12 @@ class RetryPolicy:
         client's errors all do), and counted in orthanc_bridge_retries_total{server}.
         """
 
+        retrying = self._retrying.get(server)
+        if retrying is None:  # two threads may both build it: either one will do
+            retrying = self._retrying[server] = self._build(server)
+        return retrying(fn)
+
+    def _build(self, server: str | None) -> tenacity.Retrying:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             if server is not None:
                 metrics.RETRIES.labels(server).inc()
@@ -46,7 +60,7 @@ class RetryPolicy:
         give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stop)
         if self.max_wait is not None:
             give_up = give_up | tenacity.stop_after_delay(self.max_wait)
-        retrying = tenacity.Retrying(
+        return tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(TransientError),
             wait=tenacity.wait_random_exponential(multiplier=self.initial, max=self.longest),
             stop=give_up,
@@ -54,7 +68,6 @@ class RetryPolicy:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return retrying(fn)
 
 
 def no_retry(stop: threading.Event | None = None) -> RetryPolicy:

@@ -23,10 +23,19 @@ def test_shipped_file_loads_and_documents_every_key() -> None:
     # Config.http gathers the http_* keys; Config.path is where the file was read from.
     http = {f"http_{f.name}" for f in dataclasses.fields(HttpConfig)}
     top = {f.name for f in dataclasses.fields(Config)} - {"http", "path"} | http
-    server = {f.name for f in dataclasses.fields(ServerConfig)}
+    # ServerConfig.nodes is source.url given as a list.
+    server = {f.name for f in dataclasses.fields(ServerConfig)} - {"nodes"}
     assert set(raw) == top
     assert set(raw["source"]) == server
     assert set(raw["target"]) == server
+
+
+def test_a_url_list_names_the_nodes_of_a_cluster() -> None:
+    raw = {**BASE, "source": {"url": ["http://a:8042/", "http://c:8042"]}}
+    config = parse(raw, Path("/etc"), env={})
+    assert config.source.nodes == ("http://a:8042", "http://c:8042")
+    assert config.source.url == "http://a:8042"  # the node the feed reads first
+    assert config.target.nodes == ("http://b:8043",)
 
 
 @pytest.mark.parametrize(
@@ -43,6 +52,11 @@ def test_shipped_file_loads_and_documents_every_key() -> None:
         ({**BASE, "target": {"url": "ftp://b"}}, "target.url: expected http://"),
         ({**BASE, "source": {"url": "http://u:p@a"}}, "source.url: must not contain credentials"),
         ({**BASE, "target": {"url": "http://a:8042"}}, "target.url: must differ"),
+        ({**BASE, "target": {"url": ["http://c", "http://a:8042"]}}, "target.url: must differ"),
+        ({**BASE, "source": {"url": []}}, "source.url: expected a URL or a list of URLs, got an"),
+        ({**BASE, "source": {"url": ["http://a", 2]}}, "source.url: expected a URL or a list"),
+        ({**BASE, "source": {"url": ["http://a", "ftp://b"]}}, "source.url: expected http://"),
+        ({**BASE, "source": {"url": ["http://a", "http://a/"]}}, "source.url: a node is listed"),
         ({**BASE, "forward_unchanged": ["mpeg"]}, "forward_unchanged: expected transfer syntax"),
         ([1, 2], "expected a mapping"),
         ({**BASE, "log_format": "xml"}, "log_format: expected one of text, json"),

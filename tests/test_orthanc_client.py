@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import pydicom
 import pytest
@@ -245,3 +246,54 @@ def test_a_log_ending_below_the_cursor_is_a_reset() -> None:
                 forever=False,
             )
         )
+
+
+class _Node(_Handler):
+    """One node of a stand-in Orthanc cluster: counts what it is asked, by path."""
+
+    asked: ClassVar[list[tuple[str, str]]] = []  # (node, path), over the nodes of one test
+
+    def do_GET(self) -> None:
+        name = type(self).__name__
+        self.asked.append((name, self.path.split("?")[0]))
+        if self.path.startswith("/changes"):
+            self.answer(b'{"Changes": [], "Done": true, "Last": 7}')
+        else:
+            self.answer(b"{}")
+
+
+class _NodeA(_Node):
+    pass
+
+
+class _NodeB(_Node):
+    pass
+
+
+def test_requests_spread_over_the_nodes_and_the_feed_reads_one() -> None:
+    _Node.asked = []
+    with _serving(_NodeA) as a, _serving(_NodeB) as b:
+        nodes = OrthancClient(ServerConfig(a, nodes=(a, b), timeout=5), "source", no_retry())
+        for _ in range(4):
+            nodes.system()
+            nodes.last_change()
+    systems = [name for name, path in _Node.asked if path == "/system"]
+    feeds = {name for name, path in _Node.asked if path == "/changes"}
+    assert sorted(systems) == ["_NodeA", "_NodeA", "_NodeB", "_NodeB"]
+    assert feeds == {"_NodeA"}  # the first node, while it answers
+
+
+def test_the_feed_moves_to_the_next_node_when_its_node_is_down() -> None:
+    (down,) = free_ports(1)
+    _Node.asked = []
+    stop = threading.Event()
+    retry = RetryPolicy(stop, max_wait=5, initial=0.01, longest=0.02)
+    with _serving(_NodeB) as b:
+        dead = f"http://127.0.0.1:{down}"
+        nodes = OrthancClient(ServerConfig(dead, nodes=(dead, b), timeout=5), "source", retry)
+        assert nodes.last_change() == 7  # refused by the first node, answered by the second
+        assert nodes.last_change() == 7
+        for _ in range(3):
+            nodes.system()  # other requests: retried on the next node in turn
+    assert [name for name, path in _Node.asked if path == "/changes"] == ["_NodeB", "_NodeB"]
+    assert [name for name, path in _Node.asked if path == "/system"] == ["_NodeB"] * 3

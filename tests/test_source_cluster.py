@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from bridge.state import CONVERTED, State
 from tests import bridgectl
@@ -76,8 +77,9 @@ def cluster(tmp_path: Path, make_orthanc: MakeOrthanc) -> Iterator[Cluster]:
         nodes: list[OrthancServer] = []
         try:
             # One after the other: the first creates the schema the second then finds.
-            nodes.append(make_orthanc("node-a", extra_config=shared))
-            nodes.append(make_orthanc("node-b", extra_config=shared))
+            # Verbose: each node's log then names the requests it served.
+            nodes.append(make_orthanc("node-a", extra_config=shared, verbose=True))
+            nodes.append(make_orthanc("node-b", extra_config=shared, verbose=True))
             yield Cluster(postgres, (nodes[0], nodes[1]))
         finally:
             # Before their database goes away (make_orthanc's own teardown comes after ours).
@@ -197,3 +199,47 @@ def test_bridge_following_one_node_converts_what_both_nodes_receive_once(
         f"cluster: {len(seqs)} changes, {gaps} gaps in their sequence numbers, "
         f"{len(uploads.retried)} uploads retried {sorted(set(uploads.retried))[:3]}"
     )
+
+
+def downloads_served(node: OrthancServer) -> int:
+    """How many instance files `node` served, from its verbose log."""
+    return len(re.findall(r"GET /instances/[0-9a-f-]+/file", node.log_path.read_text()))
+
+
+def test_a_source_listing_both_nodes_spreads_transfers_and_survives_losing_one(
+    cluster: Cluster, make_orthanc: MakeOrthanc, tmp_path: Path
+) -> None:
+    node_a, node_b = cluster.nodes
+    target = make_orthanc("target")
+    config = bridgectl.write_config(tmp_path, node_a, target, delete_original=True)
+    raw = yaml.safe_load(config.read_text())
+    raw["source"]["url"] = [node_a.url, node_b.url]
+    config.write_text(yaml.safe_dump(raw))
+    half = PER_NODE // 2
+    uploads = Uploads()
+    upload_retrying(node_a, bridgectl.variants(J2K, half), uploads)
+    upload_retrying(node_b, bridgectl.variants(J2K, half), uploads)
+
+    bridge = bridgectl.start("run", config, node_a, target, tmp_path / "bridge.log")
+    try:
+
+        def converted(count: int) -> bool:
+            assert bridge.poll() is None, (tmp_path / "bridge.log").read_text()
+            return ledger_counts(tmp_path / "state").get(CONVERTED, 0) >= count
+
+        wait_for(lambda: converted(2 * half), 60, "the first instances converted")
+        # Both nodes served downloads, whichever node received the instance.
+        served = downloads_served(node_a), downloads_served(node_b)
+        assert sum(served) == 2 * half and min(served) >= half // 2, served
+        # The node the feed reads dies: the feed moves on, transfers go to the survivor.
+        assert node_a.kill() is None
+        upload_retrying(node_b, bridgectl.variants(J2K, half), uploads)
+        wait_for(lambda: converted(3 * half), 90, "the later instances converted")
+    finally:
+        bridgectl.kill(bridge, signal.SIGKILL)
+    assert not uploads.errors, uploads.errors
+    assert sorted(target.instances()) == sorted(uploads.ids)
+    assert node_b.instances() == []  # every original deleted, through either node
+    assert ledger_counts(tmp_path / "state") == {CONVERTED: 3 * half}
+    log = (tmp_path / "bridge.log").read_text()
+    assert f"reading the change log from {node_b.url}" in log
