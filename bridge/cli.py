@@ -114,14 +114,15 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 # --- commands -----------------------------------------------------------------------------
 
 
-def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, OrthancClient]:
+def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, list[OrthancClient]]:
+    """The source's client and one per target, each named as metrics and messages name it."""
     return (
         OrthancClient(config.source, "source", retry),
-        OrthancClient(config.target, "target", retry),
+        [OrthancClient(t.server, t.name, retry) for t in config.targets],
     )
 
 
-Work = Callable[[Pipeline, OrthancClient, OrthancClient], Summary]
+Work = Callable[[Pipeline, OrthancClient, list[OrthancClient]], Summary]
 
 
 def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
@@ -129,25 +130,25 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
     stop = threading.Event()
     forever = command == "run"
     retry = RetryPolicy(stop, max_wait=None if forever else config.catch_up_retry_seconds)
-    source, target = _clients(config, retry)
+    source, targets = _clients(config, retry)
     state = State(config.state_dir)
     with _stop_on_signals(stop):
-        pipeline = Pipeline(config, state, source, target, stop)
+        pipeline = Pipeline(config, state, source, targets, stop)
         web = WebServer(config, command, pipeline)
         watchdog = Watchdog(pipeline.health.liveness, lambda: pipeline.mode)
         try:
             web.start()
             pipeline.health.start()
             watchdog.start()
-            return work(pipeline, source, target)
+            return work(pipeline, source, targets)
         finally:
             watchdog.close()
             web.close()
             pipeline.health.close()
             pipeline.close()
             state.close()
-            source.close()
-            target.close()
+            for client in (source, *targets):
+                client.close()
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:
@@ -160,7 +161,7 @@ def _run(args: argparse.Namespace, config: Config) -> int:
         "orthanc-bridge %s: following %s, converting into %s %s",
         __version__,
         config.source.url,
-        config.target.url,
+        ", ".join(t.server.url for t in config.targets),
         where,
     )
     summary = _with_pipeline(config, "run", lambda pipeline, _s, _t: pipeline.follow(forever=True))
@@ -179,7 +180,7 @@ def _one_shot(what: str, config: Config, work: Work) -> int:
 
 
 def _catch_up(args: argparse.Namespace, config: Config) -> int:
-    def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
+    def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
         start = pipeline.cursor
 
         def read() -> tuple[int, int]:
@@ -204,7 +205,7 @@ def _process(pipeline: Pipeline, what: str, ids: list[str], interval: float) -> 
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
+    def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
         # PENDING too: a retry that was killed or gave up on a server left its instances
         # pending; without this, no later retry would ever pick them up again.
         ids = pipeline.state.requeue((*PROBLEMS, PENDING))
@@ -215,9 +216,12 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 
 
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
-    def work(pipeline: Pipeline, source: OrthancClient, target: OrthancClient) -> Summary:
-        missing = sorted(set(source.instance_ids()) - set(target.instance_ids()))
-        log.info("the target lacks %d of the source's instances", len(missing))
+    def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
+        # An instance some target lacks is processed again: its rules decide again where it
+        # goes, and targets that hold it already answer AlreadyStored and are verified.
+        held = set(source.instance_ids())
+        missing = sorted(set().union(*(held - set(t.instance_ids()) for t in targets)))
+        log.info("the targets lack %d of the source's instances", len(missing))
         return _process(pipeline, "reconciling", missing, config.progress_interval)
 
     return _one_shot("reconcile", config, work)
@@ -247,11 +251,14 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     try:
         cursor = state.cursor()
         counts = state.counts()
+        per_target = state.delivery_counts()
         problems = state.entries((*PROBLEMS, PENDING), limit=50)
     finally:
         state.close()
-    source, target = _clients(config, no_retry())
+    source, targets = _clients(config, no_retry())
     report: dict[str, object] = {"cursor": cursor, "counts": counts}
+    target_reports: dict[str, dict[str, object]] = {}
+    report["targets"] = target_reports
     unreachable = False
     try:
         last = source.last_change()
@@ -260,11 +267,16 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     except BridgeError as exc:
         report["source_error"] = str(exc)
         unreachable = True
-    try:
-        target.system()
-    except BridgeError as exc:
-        report["target_error"] = str(exc)
-        unreachable = True
+    for target in targets:
+        found: dict[str, object] = {"counts": per_target.get(target.role, {})}
+        target_reports[target.role] = found
+        try:
+            target.system()
+        except BridgeError as exc:
+            found["error"] = str(exc)
+            if target.role == "target":  # the single `target:`, as before there were several
+                report["target_error"] = str(exc)
+            unreachable = True
     report["problems"] = [
         {"instance": e.instance_id, "state": e.state, "syntax": e.source_syntax, "reason": e.error}
         for e in problems
@@ -276,6 +288,10 @@ def _status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_SERVER if unreachable else EXIT_OK
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "none"
+
+
 def _print_status(report: dict[str, object]) -> None:
     print(f"cursor:        change {report['cursor']}")
     if "source_last_change" in report:
@@ -283,12 +299,19 @@ def _print_status(report: dict[str, object]) -> None:
             f"source:        last change {report['source_last_change']}, "
             f"{report['behind']} changes behind"
         )
-    for role in ("source", "target"):
-        if f"{role}_error" in report:
-            print(f"{role}:        UNREACHABLE: {report[f'{role}_error']}")
+    if "source_error" in report:
+        print(f"source:        UNREACHABLE: {report['source_error']}")
+    targets = report["targets"]
+    assert isinstance(targets, dict)
+    for name, found in targets.items():
+        if "error" in found:
+            print(f"{name + ':':<14} UNREACHABLE: {found['error']}")
     counts = report["counts"]
     assert isinstance(counts, dict)
-    print("instances:     " + (", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none"))
+    print("instances:     " + _counts(counts))
+    if len(targets) > 1:
+        for name, found in targets.items():
+            print(f"  at {name}: {_counts(found['counts'])}")
     problems = report["problems"]
     assert isinstance(problems, list)
     if problems:

@@ -38,7 +38,7 @@ from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient
 from bridge.remote import Job, transfer_batch, version
 from bridge.retry import RetryPolicy
-from bridge.state import CONVERTED, DELETING, FAILED, Entry
+from bridge.state import DELETING, FAILED, Entry
 from bridge.transfer import outcome_fields
 
 log = logging.getLogger(__name__)
@@ -315,8 +315,8 @@ class ClusterTransfer:
         started = time.monotonic()
         iid = item.instance_id
         entry = replace(self._retry.call(lambda: self._batches.transfer(iid)), seq=item.seq)
-        if entry.state == CONVERTED and self._delete_original:
-            # The worker verified the copy (it always does when originals are deleted).
+        if entry.deletable and self._delete_original:
+            # The worker verified every copy (it always does when originals are deleted).
             self._record(replace(entry, state=DELETING))
             self._source.delete(iid)  # one already gone is not an error
             entry = replace(entry, deleted_original=True)

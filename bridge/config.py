@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 
 from bridge.cpus import usable_cpus
 from bridge.errors import ConfigError
+from bridge.routing import Rule, parse_rules
 
 RESET_POLICIES = ("stop", "rewind")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -47,6 +49,26 @@ class ServerConfig:
         nodes = tuple(node.rstrip("/") for node in (self.nodes or (self.url,)))
         object.__setattr__(self, "nodes", nodes)
         object.__setattr__(self, "url", nodes[0])
+
+
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+# What a target may receive converted instances in.
+OUTPUT_SYNTAXES = {
+    EXPLICIT_VR_LITTLE_ENDIAN: "Explicit VR Little Endian",
+    IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR Little Endian",
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Where instances go: a server, the syntax to convert into, and which instances to take."""
+
+    name: str  # "target" for the single `target:`; the name in metrics, ledger and logs
+    server: ServerConfig
+    syntax: str = EXPLICIT_VR_LITTLE_ENDIAN
+    rules: tuple[Rule, ...] = ()  # first match wins; no match: convert
 
 
 @dataclass(frozen=True)
@@ -94,7 +116,7 @@ class Config:
     """Everything the bridge needs to run; built only by `load`."""
 
     source: ServerConfig
-    target: ServerConfig
+    target: ServerConfig  # the first of `targets`
     state_dir: Path
     delete_original: bool = False
     workers: int = 0
@@ -112,8 +134,14 @@ class Config:
     progress_interval: float = 10.0
     http: HttpConfig = field(default_factory=lambda: HttpConfig(DEFAULT_HTTP_LISTEN))
     cluster: ClusterConfig | None = None  # None: every transfer runs on this machine
+    # Every target, with its rules; () is the single `target` above, converting everything.
+    targets: tuple[TargetConfig, ...] = ()
     # The file it was read from, for the commands the status page suggests.
     path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            object.__setattr__(self, "targets", (TargetConfig("target", self.target),))
 
     @property
     def worker_count(self) -> int:
@@ -157,6 +185,10 @@ class _Section:
         """True when nothing is left to read (an absent or empty section)."""
         return not self._raw
 
+    def has(self, key: str) -> bool:
+        """True when `key` is given (and not empty)."""
+        return self._raw.get(key) is not None
+
     def section(self, key: str) -> _Section:
         """Remove `key` and return it as a nested section."""
         return _Section(self._raw.pop(key, None), self._name(key))
@@ -176,7 +208,10 @@ def _positive(name: str, value: float) -> None:
         raise ConfigError(f"{name}: must be greater than 0, got {value}")
 
 
-def _server(section: _Section, role: str, env: Mapping[str, str]) -> ServerConfig:
+def _server(
+    section: _Section, role: str, env: Mapping[str, str], env_prefix: str | None = None
+) -> ServerConfig:
+    """One server's keys; `role` names them in errors, credentials come from BRIDGE_<ROLE>_*."""
     urls = section.take("url", object, required=True)
     # Several URLs: the nodes of one Orthanc cluster (see ServerConfig.nodes).
     nodes: list[str] = []
@@ -204,7 +239,7 @@ def _server(section: _Section, role: str, env: Mapping[str, str]) -> ServerConfi
     if not isinstance(verify, (bool, str)):
         raise ConfigError(f"{role}.verify_tls: expected true, false or a CA bundle path")
     section.finish()
-    prefix = f"BRIDGE_{role.upper()}_"
+    prefix = env_prefix or f"BRIDGE_{role.upper()}_"
     username = env.get(prefix + "USERNAME") or username
     password = env.get(prefix + "PASSWORD") or password
     if password and not username:
@@ -217,14 +252,13 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
     env = os.environ if env is None else env
     top = _Section(raw, "")
     source = _server(top.section("source"), "source", env)
-    target = _server(top.section("target"), "target", env)
-    if set(source.nodes) & set(target.nodes):
-        raise ConfigError("target.url: must differ from source.url")
+    targets = _targets(top, source, env)
     state_dir = Path(top.take("state_dir", str, "./state")).expanduser()
-    defaults = Config(source, target, state_dir)
+    defaults = Config(source, targets[0].server, state_dir)
     config = Config(
         source=source,
-        target=target,
+        target=targets[0].server,
+        targets=targets,
         state_dir=state_dir if state_dir.is_absolute() else base_dir / state_dir,
         delete_original=top.take("delete_original", bool, defaults.delete_original),
         workers=top.take("workers", int, defaults.workers),
@@ -248,6 +282,59 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
     top.finish()
     _check_ranges(config)
     return config
+
+
+def _targets(
+    top: _Section, source: ServerConfig, env: Mapping[str, str]
+) -> tuple[TargetConfig, ...]:
+    """`target:` (one, named "target") or `targets:` (a list of named targets)."""
+    if top.has("target") and top.has("targets"):
+        raise ConfigError("targets: give either target (one) or targets (a list), not both")
+    if not top.has("targets"):
+        return (_target(top.section("target"), "target", "target", source, env),)
+    raw = top.take("targets", list)
+    if not raw:
+        raise ConfigError("targets: expected a list of at least one target")
+    targets: list[TargetConfig] = []
+    for number, item in enumerate(raw):
+        where = f"targets[{number}]"
+        section = _Section(item, where)
+        name = section.take("name", str, required=True)
+        if not _NAME.match(name) or name in ("source", "target"):
+            raise ConfigError(
+                f"{where}.name: expected letters, digits, - and _ (not source or target), "
+                f"got {name!r}"
+            )
+        if any(t.name == name for t in targets):
+            raise ConfigError(f"{where}.name: {name!r} names two targets")
+        target = _target(section, where, name, source, env)
+        for other in targets:
+            if set(other.server.nodes) & set(target.server.nodes):
+                raise ConfigError(f"{where}.url: {other.name} has the same URL")
+        targets.append(target)
+    return tuple(targets)
+
+
+def _target(
+    section: _Section, where: str, name: str, source: ServerConfig, env: Mapping[str, str]
+) -> TargetConfig:
+    syntax = section.take("syntax", str, EXPLICIT_VR_LITTLE_ENDIAN).strip()
+    if syntax not in OUTPUT_SYNTAXES:
+        known = ", ".join(f"{uid} ({what})" for uid, what in OUTPUT_SYNTAXES.items())
+        raise ConfigError(f"{where}.syntax: expected one of {known}, got {syntax!r}")
+    rules = parse_rules(section.take("rules", object), f"{where}.rules")
+    server = _server(section, where, env, target_env_prefix(name))
+    if set(source.nodes) & set(server.nodes):
+        raise ConfigError(f"{where}.url: must differ from source.url")
+    return TargetConfig(name, server, syntax, rules)
+
+
+def target_env_prefix(name: str) -> str:
+    """How a target's credentials' variables begin: BRIDGE_TARGET_ for the single `target`,
+    BRIDGE_TARGET_<NAME>_ for a named one (upper case, - as _)."""
+    if name == "target":
+        return "BRIDGE_TARGET_"
+    return f"BRIDGE_TARGET_{name.upper().replace('-', '_')}_"
 
 
 def _cluster(section: _Section, base_dir: Path) -> ClusterConfig | None:

@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from bridge.errors import BridgeError
@@ -61,12 +61,12 @@ class Health:
     def __init__(
         self,
         source: OrthancClient,
-        target: OrthancClient,
+        targets: Sequence[OrthancClient],
         state: State,
         poll_interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.servers = (source, target)
+        self.servers = (source, *targets)
         self._state = state
         self._clock = clock
         self._beat = clock()

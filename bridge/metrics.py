@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,6 +30,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge import __version__
+
+if TYPE_CHECKING:
+    from bridge.state import Delivery
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # memory, CPU and open files of the main process
@@ -83,6 +87,13 @@ INSTANCES = Counter(
     "Instances finished, by outcome and source transfer syntax (other: a UID not in the "
     "standard; unknown: never read)",
     ["outcome", "syntax"],
+    registry=REGISTRY,
+)
+DELIVERIES = Counter(
+    "orthanc_bridge_deliveries",
+    "Instances finished at each target, by outcome: converted, forwarded, skipped (its rules "
+    "did not take it), failed, unsupported",
+    ["target", "outcome"],
     registry=REGISTRY,
 )
 STAGE_SECONDS = Histogram(
@@ -171,9 +182,11 @@ def syntax_label(uid: str | None) -> str:
     return uid if uid in KNOWN_SYNTAXES else "other"
 
 
-def count_instance(outcome: str, syntax: str | None) -> None:
-    """One instance finished with `outcome`."""
+def count_instance(outcome: str, syntax: str | None, deliveries: Iterable[Delivery] = ()) -> None:
+    """One instance finished with `outcome`, and with its outcome at each target."""
     INSTANCES.labels(outcome, syntax_label(syntax)).inc()
+    for delivery in deliveries:
+        DELIVERIES.labels(delivery.target, delivery.state).inc()
 
 
 _position_lock = threading.Lock()

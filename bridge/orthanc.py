@@ -224,6 +224,15 @@ class OrthancClient:
             if len(body) < page:
                 return ids
 
+    def read(self, path: str) -> Any:
+        """GET `path` (with its query): the JSON answer, or its text if it is not JSON (the raw
+        value of a tag, from /instances/{id}/content/{tag}). For routing rules."""
+        body = self._call("GET", path)
+        try:
+            return json.loads(body)
+        except ValueError:
+            return body.decode("utf-8", "replace")
+
     def system(self) -> dict[str, Any]:
         """The server's `/system` description (name, version); proves it is reachable."""
         body = self._json("GET", "/system")

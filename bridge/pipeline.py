@@ -27,7 +27,7 @@ from bridge.metrics import WAITING
 from bridge.orthanc import ChangesPage, OrthancClient
 from bridge.remote import job
 from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
-from bridge.transfer import Transfer
+from bridge.transfer import Destination, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class Pipeline:
         config: Config,
         state: State,
         source: OrthancClient,
-        target: OrthancClient,
+        targets: Sequence[OrthancClient],  # one per config.targets, in that order
         stop: threading.Event,
     ) -> None:
         self.config = config
@@ -146,7 +146,7 @@ class Pipeline:
             # The transfers run on Dask workers; here, only the feed, the ledger and deletions.
             self._batches = Batches(
                 connect(config.cluster),
-                job(source.server, target.server, self._options, config.delete_original),
+                job(source.server, config.targets, self._options, config.delete_original),
                 config.cluster.batch_size,
                 stop,
             )
@@ -160,7 +160,7 @@ class Pipeline:
             max_decoded = self._options.max_decoded_bytes  # larger ones are refused
             self._transfer = Transfer(
                 source,
-                target,
+                [Destination(t, client) for t, client in zip(config.targets, targets, strict=True)],
                 self._decoder.decode,
                 config.delete_original,
                 stop,
@@ -173,13 +173,13 @@ class Pipeline:
             threads = workers * 2 + 2
             slots = workers * 3 + 2
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
-        for client in (source, target):
+        for client in (source, *targets):
             client.keep_connections(threads + 1)  # the transfer threads and the feed
         self._slots = threading.Semaphore(slots)
         self._pending: set[Future[None]] = set()
         self._pending_lock = threading.Lock()
         self._progress = Progress(state)
-        self.health = Health(source, target, state, config.poll_interval)
+        self.health = Health(source, targets, state, config.poll_interval)
         self.throughput = Throughput()
         # What the status page says the bridge is doing; the commands set it.
         self.mode = "starting"
@@ -343,7 +343,7 @@ class Pipeline:
         else:
             self.state.record(entry)
         self.summary.add(entry)
-        metrics.count_instance(entry.state, entry.source_syntax)
+        metrics.count_instance(entry.state, entry.source_syntax, entry.deliveries)
         self.throughput.add()
 
     def _give_up(self, exc: TransientError | AccessDenied) -> None:

@@ -22,14 +22,14 @@ from dataclasses import dataclass, replace
 
 from bridge import __version__
 from bridge.budget import ByteBudget
-from bridge.config import ServerConfig
+from bridge.config import ServerConfig, TargetConfig, target_env_prefix
 from bridge.decoding import DecoderPool, TranscodeOptions
 from bridge.feed import NewInstance
 from bridge.header import decoded_size
 from bridge.orthanc import OrthancClient
 from bridge.retry import RetryPolicy
 from bridge.state import Entry
-from bridge.transfer import Transfer
+from bridge.transfer import Destination, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +47,22 @@ class Job:
 
     version: str
     source: ServerConfig  # without password
-    target: ServerConfig
+    targets: tuple[TargetConfig, ...]  # without passwords
     options: TranscodeOptions
     verify_for_deletion: bool  # delete_original: every copy is verified, never trusted
 
 
 def job(
-    source: ServerConfig, target: ServerConfig, options: TranscodeOptions, delete_original: bool
+    source: ServerConfig,
+    targets: tuple[TargetConfig, ...],
+    options: TranscodeOptions,
+    delete_original: bool,
 ) -> Job:
     """The Job for these settings, with the passwords left out."""
     return Job(
         __version__,
         replace(source, password=None),
-        replace(target, password=None),
+        tuple(replace(t, server=replace(t.server, password=None)) for t in targets),
         options,
         delete_original,
     )
@@ -134,8 +137,13 @@ def _transfer(job: Job) -> Transfer:
         raise RuntimeError(f"this worker runs orthanc-bridge {__version__}, not {job.version}")
     never = threading.Event()
     retry = RetryPolicy(never, max_wait=WORKER_RETRY_SECONDS)
-    source = OrthancClient(_with_credentials(job.source, "SOURCE"), "source", retry)
-    target = OrthancClient(_with_credentials(job.target, "TARGET"), "target", retry)
+    source = OrthancClient(_with_credentials(job.source, "BRIDGE_SOURCE_"), "source", retry)
+    targets = [
+        Destination(
+            t, OrthancClient(_with_credentials(t.server, target_env_prefix(t.name)), t.name, retry)
+        )
+        for t in job.targets
+    ]
     limit = job.options.max_decoded_bytes
     # Decoding in decoding processes of the worker's own, one per Dask thread, as on one
     # machine: the same memory and time limits, a decoder crash costs that process, not the
@@ -143,7 +151,7 @@ def _transfer(job: Job) -> Transfer:
     decoder = DecoderPool(_slots(), job.options, never)
     return Transfer(
         source,
-        target,
+        targets,
         decoder.decode,
         job.verify_for_deletion,
         never,
@@ -154,8 +162,8 @@ def _transfer(job: Job) -> Transfer:
     )
 
 
-def _with_credentials(server: ServerConfig, role: str) -> ServerConfig:
+def _with_credentials(server: ServerConfig, prefix: str) -> ServerConfig:
     """The server with this worker's credentials from its environment, if it has them."""
-    username = os.environ.get(f"BRIDGE_{role}_USERNAME") or server.username
-    password = os.environ.get(f"BRIDGE_{role}_PASSWORD")
+    username = os.environ.get(f"{prefix}USERNAME") or server.username
+    password = os.environ.get(f"{prefix}PASSWORD")
     return replace(server, username=username, password=password)

@@ -20,7 +20,8 @@ from pathlib import Path
 from bridge.errors import StateError
 
 CONVERTED = "converted"  # the target holds it in Explicit VR Little Endian
-FORWARDED = "forwarded"  # sent unchanged, as `forward_unchanged` asks
+FORWARDED = "forwarded"  # sent unchanged, as a `forward` rule or `forward_unchanged` asks
+SKIPPED = "skipped"  # no target's rules take it: left in the source
 FAILED = "failed"  # permanent error: kept in the source, reason recorded
 UNSUPPORTED = "unsupported"  # cannot become native pixels: kept in the source
 VANISHED = "vanished"  # deleted from the source before the bridge got to it
@@ -28,7 +29,7 @@ PENDING = "pending"  # re-queued by `retry`
 DELETING = "deleting"  # verified in the target; deleting the original was under way
 # Below this, a write may fail for want of room (a WAL checkpoint needs some).
 _MIN_FREE_BYTES = 16 * 1024 * 1024
-FINISHED = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED)
+FINISHED = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED, SKIPPED)
 PROBLEMS = (FAILED, UNSUPPORTED)
 
 SCHEMA = """
@@ -46,7 +47,25 @@ CREATE TABLE IF NOT EXISTS instances (
     deleted_original INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_state ON instances (state);
+-- The outcome of each instance at each target; `instances` holds the overall one.
+CREATE TABLE IF NOT EXISTS deliveries (
+    instance_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (instance_id, target)
+);
 """
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What became of one instance at one target: converted, forwarded, skipped or failed."""
+
+    target: str
+    state: str
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +81,9 @@ class Entry:
     deleted_original: bool = False
     updated: float = 0.0
     attempts: int = 0
+    deliveries: tuple[Delivery, ...] = ()  # per target; recorded with the entry
+    # Every target that takes it verifiably holds its copy (not written to the ledger).
+    deletable: bool = False
 
 
 class State:
@@ -167,6 +189,14 @@ class State:
                     int(entry.deleted_original),
                 ),
             )
+            db.executemany(
+                """INSERT INTO deliveries (instance_id, target, state, error, updated)
+                   VALUES (?, ?, ?, ?, ?)
+                   ON CONFLICT (instance_id, target) DO UPDATE SET
+                       state = excluded.state, error = excluded.error,
+                       updated = excluded.updated""",
+                [(entry.instance_id, d.target, d.state, d.error, now) for d in entry.deliveries],
+            )
             if cursor is not None:
                 _write_cursor(db, cursor)
 
@@ -188,6 +218,22 @@ class State:
         """How many instances are in each state."""
         rows = self._query("SELECT state, count(*) FROM instances GROUP BY state")
         return {str(state): int(str(n)) for state, n in rows}
+
+    def delivery_counts(self) -> dict[str, dict[str, int]]:
+        """How many instances are in each state, per target."""
+        rows = self._query("SELECT target, state, count(*) FROM deliveries GROUP BY target, state")
+        counts: dict[str, dict[str, int]] = {}
+        for target, state, n in rows:
+            counts.setdefault(str(target), {})[str(state)] = int(str(n))
+        return counts
+
+    def deliveries(self, instance_id: str) -> list[Delivery]:
+        """The outcome of one instance at each target it was routed to."""
+        rows = self._query(
+            "SELECT target, state, error FROM deliveries WHERE instance_id = ? ORDER BY target",
+            (instance_id,),
+        )
+        return [Delivery(str(t), str(s), str(e) if e is not None else None) for t, s, e in rows]
 
     def count_in(self, states: tuple[str, ...]) -> dict[str, int]:
         """How many instances are in each of `states` (read through the state index)."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import html
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import quote
 
 OUTCOMES = ("converted", "forwarded", "failed", "unsupported", "vanished")
@@ -82,6 +82,8 @@ class StatusView:
     retry_command: str  # e.g. "orthanc-bridge retry -c /etc/orthanc-bridge/bridge.yaml"
     config: list[tuple[str, str]]  # the configuration without secrets, as key/value text
     refresh_seconds: int = 5
+    # All-time counts by state at each target, when there are several (routing).
+    targets: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def render(view: StatusView) -> str:
@@ -102,6 +104,7 @@ def render(view: StatusView) -> str:
             "</div>",
             _rate(view.rate),
             _servers(view.servers),
+            _targets(view.targets),
             _problems(view.problems, view.retry_command, view.now),
             _configuration(view),
         ]
@@ -267,6 +270,20 @@ def _servers(servers: list[ServerView]) -> str:
         )
     return _table_section(
         "Orthanc servers", "servers", ("role", "URL", "state", "last answer"), rows, "none"
+    )
+
+
+def _targets(targets: dict[str, dict[str, int]]) -> str:
+    if not targets:
+        return ""
+    rows = [
+        f"<tr><th>{_e(name)}</th><td>"
+        + (", ".join(f"{n} {_e(state)}" for state, n in sorted(counts.items())) or _DASH)
+        + "</td></tr>"
+        for name, counts in sorted(targets.items())
+    ]
+    return _table_section(
+        "Targets (all time)", "targets", ("target", "instances by outcome"), rows, "none yet"
     )
 
 

@@ -1,10 +1,15 @@
-"""One instance, start to finish: download -> transcode -> upload -> verify -> delete.
+"""One instance, start to finish: route -> download -> transcode -> upload -> verify -> delete.
+
+Each target's rules (bridge.routing) decide first, from what the source knows, whether the
+target takes the instance converted, forwarded unchanged, or not at all; an instance no target
+takes is not even downloaded. It is downloaded once and decoded once, whatever the number of
+targets, and each target gets its copy in its own syntax.
 
 The target's answer is checked against the transfer syntax it then holds: `AlreadyStored` may
 mean it kept an older compressed copy (Orthanc's default `OverwriteInstances: false`), which is
 then replaced, and `Success` is checked until one upload shows that the target stores what it
-is sent. The original is deleted only when the target verifiably holds the instance in
-Explicit VR Little Endian: that check is never skipped.
+is sent. The original is deleted only when every target that takes it verifiably holds its
+copy: that check is never skipped.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.budget import ByteBudget
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
+from bridge.config import EXPLICIT_VR_LITTLE_ENDIAN, TargetConfig
+from bridge.decoding import Transcoded
 from bridge.errors import (
     Interrupted,
     NotFound,
@@ -26,15 +32,19 @@ from bridge.errors import (
 )
 from bridge.feed import NewInstance
 from bridge.header import transfer_syntax
+from bridge.implicit import to_implicit
 from bridge.metrics import STAGE
 from bridge.orthanc import OrthancClient
+from bridge.routing import CONVERT, FORWARD, SKIP, Facts, action_for
 from bridge.state import (
     CONVERTED,
     DELETING,
     FAILED,
     FORWARDED,
+    SKIPPED,
     UNSUPPORTED,
     VANISHED,
+    Delivery,
     Entry,
 )
 
@@ -44,11 +54,38 @@ Decoder = Callable[[bytes], Transcoded]
 
 
 @dataclass
+class Destination:
+    """One target: its settings and rules, and a client for it."""
+
+    config: TargetConfig
+    client: OrthancClient
+    # Whether an upload answered Success was found stored as sent. Until then every upload is
+    # checked: a target that transcodes what arrives (IngestTranscoding, a Lua filter) says
+    # Success too. Once one was, Success is trusted, saving a request per instance (2% of
+    # the throughput), except before deleting an original: that copy is always checked.
+    keeps_what_it_gets: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class _Copy:
+    """What one target is sent, and what it must then hold."""
+
+    data: bytes | bytearray
+    syntax: str
+    state: str  # CONVERTED or FORWARDED
+    passed_through: bool  # an undecodable syntax passed on (forward_unchanged): never deleted
+
+
+@dataclass
 class Transfer:
-    """Moves single instances from source to target; shared by all transfer threads."""
+    """Moves single instances from the source to the targets; shared by all transfer threads."""
 
     source: OrthancClient
-    target: OrthancClient
+    targets: list[Destination]
     decode: Decoder
     delete_original: bool
     stop: threading.Event
@@ -60,11 +97,10 @@ class Transfer:
     # False on a cluster worker: it verifies as if it were to delete, and the coordinator, which
     # keeps the ledger, deletes the original (bridge.cluster).
     deletes: bool = True
-    # Whether an upload answered Success was found stored as sent. Until then every upload is
-    # checked: a target that transcodes what arrives (IngestTranscoding, a Lua filter) says
-    # Success too. Once one was, Success is trusted, saving a request per instance (2% of
-    # the throughput), except before deleting an original: that copy is always checked.
-    _keeps_what_it_gets: bool = field(default=False, init=False)
+    _routed: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self._routed = any(target.config.rules for target in self.targets)
 
     def run(self, item: NewInstance) -> Entry:
         """Move one instance; permanent problems come back as a FAILED/UNSUPPORTED entry.
@@ -74,103 +110,211 @@ class Transfer:
         """
         started = time.monotonic()
         iid = item.instance_id
+        try:
+            actions = self._route(iid)
+        except NotFound:
+            return self._vanished(item, started)
+        except PermanentError as exc:
+            return self._problem(item, FAILED, None, f"its rules: {_one_line(exc)}", started)
+        takers = [t for t in self.targets if actions[t.name] != SKIP]
+        skipped = tuple(Delivery(t.name, SKIPPED) for t in self.targets if t not in takers)
+        if not takers:
+            log.info(
+                "instance %s: skipped, no target's rules take it",
+                iid,
+                extra=outcome_fields(iid, SKIPPED, None, started),
+            )
+            return Entry(iid, item.seq, SKIPPED, None, None, _since(started), deliveries=skipped)
         self.budget.wait_for_room()
         try:
             with STAGE["download"].time():
                 data = self.source.download(iid)
         except NotFound:
-            log.warning(
-                "instance %s: deleted from the source before it was converted",
-                iid,
-                extra=outcome_fields(iid, VANISHED, None, started),
-            )
-            return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
+            return self._vanished(item, started)
         # What the file says, until the decoder reads it properly: failures are counted and
         # recorded by syntax too.
         syntax = transfer_syntax(data)
+        converting = any(actions[t.name] == CONVERT for t in takers)
+        delivered: list[Delivery] = list(skipped)
+        copies: list[_Copy] = []
         with self.budget.holding() as holding:
             # Room for the decoded copy is taken now, while waiting holds nothing up; once a
             # worker has decoded it, its transfer thread must read it whatever the budget says.
-            holding.set(len(data) + self.decoded_size(data))
-            try:
-                with STAGE["decode"].time():
-                    result = self.decode(data)
-                syntax = result.source_syntax
+            holding.set(len(data) + (self.decoded_size(data) if converting else 0))
+            result: Transcoded | None = None
+            problem: tuple[str, str] | None = None  # (state, reason) of a failed conversion
+            if converting:
+                try:
+                    with STAGE["decode"].time():
+                        result = self.decode(data)
+                    syntax = result.source_syntax
+                except UnsupportedSyntax as exc:
+                    problem = (UNSUPPORTED, _one_line(exc))
+                except PermanentError as exc:
+                    problem = (FAILED, _one_line(exc))
+            if result is not None and not any(actions[t.name] == FORWARD for t in takers):
                 # Only the converted copy is needed from here: free the original's share.
-                del data
+                data = b""
                 holding.set(len(result.data))
+            for target in takers:
                 self._checkpoint()
-                expected = result.source_syntax if result.forwarded else EXPLICIT_VR_LITTLE_ENDIAN
-                self._store(iid, result, expected)
-            except UnsupportedSyntax as exc:
-                reason = _one_line(exc)
-                log.error(
-                    "instance %s: kept in the source, unsupported: %s",
-                    iid,
-                    reason,
-                    extra=outcome_fields(iid, UNSUPPORTED, syntax, started),
+                try:
+                    if actions[target.name] == FORWARD:
+                        copy = _Copy(data, syntax or "", FORWARDED, passed_through=False)
+                    elif problem is not None:
+                        delivered.append(Delivery(target.name, *problem))
+                        continue
+                    else:
+                        assert result is not None
+                        copy = _converted(result, target.config.syntax)
+                    self._store(target, iid, copy)
+                except PermanentError as exc:
+                    delivered.append(Delivery(target.name, FAILED, _one_line(exc)))
+                    continue
+                copies.append(copy)
+                delivered.append(Delivery(target.name, copy.state))
+            passed_through = any(copy.passed_through for copy in copies)
+            del result, data, copies
+        return self._finish(item, syntax, tuple(delivered), passed_through, started)
+
+    def _route(self, iid: str) -> dict[str, str]:
+        """Each target's action for this instance (every one converts when none has rules)."""
+        if not self._routed:
+            return {target.name: CONVERT for target in self.targets}
+        facts = Facts(iid, self.source.read)
+        return {target.name: action_for(target.config.rules, facts) for target in self.targets}
+
+    def _finish(
+        self,
+        item: NewInstance,
+        syntax: str | None,
+        delivered: tuple[Delivery, ...],
+        passed_through: bool,
+        started: float,
+    ) -> Entry:
+        """The instance's overall outcome from its targets'; the original deleted if it may be."""
+        iid = item.instance_id
+        states = {d.state for d in delivered if d.state != SKIPPED}
+        for state in (FAILED, UNSUPPORTED):
+            if state in states:
+                reasons = [d for d in delivered if d.state == state]
+                single = len(self.targets) == 1
+                reason = "; ".join(
+                    d.error or "" if single else f"{d.target}: {d.error}" for d in reasons
                 )
-                return Entry(iid, item.seq, UNSUPPORTED, syntax, reason, _since(started))
-            except PermanentError as exc:
-                reason = _one_line(exc)
-                log.error(
-                    "instance %s: kept in the source, failed: %s",
-                    iid,
-                    reason,
-                    extra=outcome_fields(iid, FAILED, syntax, started),
-                )
-                return Entry(iid, item.seq, FAILED, syntax, reason, _since(started))
-        del result  # the target holds it now
+                return self._problem(item, state, syntax, reason, started, delivered)
+        state = FORWARDED if states == {FORWARDED} else CONVERTED
+        # Every target that takes it holds a verified copy; one passed through in a syntax the
+        # bridge cannot decode (forward_unchanged) is not a reason to delete the original.
+        deletable = not passed_through
         deleted = False
-        if self.delete_original and self.deletes and expected == EXPLICIT_VR_LITTLE_ENDIAN:
+        if self.delete_original and self.deletes and deletable:
             # Deleting the original also deletes its change row: if the bridge dies right
             # after, nothing would ever bring the instance back to the ledger. Note it first.
-            self.record(Entry(iid, item.seq, DELETING, syntax, None, _since(started)))
+            self.record(
+                Entry(iid, item.seq, DELETING, syntax, None, _since(started), deliveries=delivered)
+            )
             with STAGE["delete"].time():
                 self.source.delete(iid)
             deleted = True
-        state = FORWARDED if expected != EXPLICIT_VR_LITTLE_ENDIAN else CONVERTED
         seconds = _since(started)
         log.info(
-            "instance %s: %s from %s in %.0f ms%s",
+            "instance %s: %s from %s in %.0f ms%s%s",
             iid,
             state,
             syntax,
             seconds * 1000,
+            "" if len(self.targets) == 1 else f" ({_listing(delivered)})",
             ", original deleted" if deleted else "",
             extra=outcome_fields(iid, state, syntax, started),
         )
-        return Entry(iid, item.seq, state, syntax, None, seconds, deleted)
+        return Entry(
+            iid,
+            item.seq,
+            state,
+            syntax,
+            None,
+            seconds,
+            deleted,
+            deliveries=delivered,
+            deletable=deletable,
+        )
 
-    def _store(self, iid: str, result: Transcoded, expected: str) -> None:
+    def _problem(
+        self,
+        item: NewInstance,
+        state: str,
+        syntax: str | None,
+        reason: str,
+        started: float,
+        delivered: tuple[Delivery, ...] = (),
+    ) -> Entry:
+        iid = item.instance_id
+        if not delivered:
+            delivered = tuple(Delivery(t.name, state, reason) for t in self.targets)
+        log.error(
+            "instance %s: kept in the source, %s: %s",
+            iid,
+            state,
+            reason,
+            extra=outcome_fields(iid, state, syntax, started),
+        )
+        return Entry(iid, item.seq, state, syntax, reason, _since(started), deliveries=delivered)
+
+    def _vanished(self, item: NewInstance, started: float) -> Entry:
+        iid = item.instance_id
+        log.warning(
+            "instance %s: deleted from the source before it was converted",
+            iid,
+            extra=outcome_fields(iid, VANISHED, None, started),
+        )
+        return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
+
+    def _store(self, target: Destination, iid: str, copy: _Copy) -> None:
+        client, expected = target.client, copy.syntax
         with STAGE["upload"].time():
-            stored = self.target.upload(result.data)
+            stored = client.upload(copy.data)
         if stored.instance_id != iid:
             # Same UIDs, yet another ID: Orthanc read an identifier differently in the two
             # files (e.g. a PatientID stored with VR UN in the original). Verify that copy.
-            log.warning("instance %s: the target files it as %s", iid, stored.instance_id)
-        if stored.status == "Success" and self._keeps_what_it_gets and not self.delete_original:
+            log.warning("instance %s: %s files it as %s", iid, target.name, stored.instance_id)
+        if stored.status == "Success" and target.keeps_what_it_gets and not self.delete_original:
             return
         with STAGE["verify"].time():
-            held = self.target.transfer_syntax(stored.instance_id)
+            held = client.transfer_syntax(stored.instance_id)
         if held == expected and stored.status == "Success":
-            self._keeps_what_it_gets = True
+            target.keeps_what_it_gets = True
         if held != expected and stored.status == "AlreadyStored":
             # The target kept an older copy (compressed, or sent by something else): replace it.
-            log.info("instance %s: target held it as %s; replacing that copy", iid, held)
+            log.info("instance %s: %s held it as %s; replacing that copy", iid, target.name, held)
             self._checkpoint()
-            self.target.delete(stored.instance_id)
-            self.target.upload(result.data)
-            held = self.target.transfer_syntax(stored.instance_id)
+            client.delete(stored.instance_id)
+            client.upload(copy.data)
+            held = client.transfer_syntax(stored.instance_id)
         if held != expected:
             raise VerificationFailed(
-                f"after upload the target holds it as {held or 'nothing'}, expected {expected}"
+                f"after upload {target.name} holds it as {held or 'nothing'}, expected {expected}"
             )
 
     def _checkpoint(self) -> None:
         """Abandon the instance here when shutting down; nothing of it is recorded."""
         if self.stop.is_set():
             raise Interrupted("shutting down")
+
+
+def _converted(result: Transcoded, syntax: str) -> _Copy:
+    """What a target that converts into `syntax` is sent."""
+    if result.forwarded and result.source_syntax != EXPLICIT_VR_LITTLE_ENDIAN:
+        # forward_unchanged: a syntax no decoder here reads, passed on as it is.
+        return _Copy(result.data, result.source_syntax, FORWARDED, passed_through=True)
+    # Converted, or already Explicit VR Little Endian (then sent as it came, and counted as
+    # converted: the target holds what it must).
+    data = result.data if syntax == EXPLICIT_VR_LITTLE_ENDIAN else to_implicit(result.data)
+    return _Copy(data, syntax, CONVERTED, passed_through=False)
+
+
+def _listing(delivered: tuple[Delivery, ...]) -> str:
+    return ", ".join(f"{d.target} {d.state}" for d in delivered)
 
 
 def _since(started: float) -> float:

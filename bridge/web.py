@@ -153,6 +153,7 @@ class _Pages:
                 for e in state.entries((*PROBLEMS, PENDING), limit=_PROBLEMS_SHOWN)
             ],
             retry_command=f"orthanc-bridge retry -c {config.path or 'bridge.yaml'}",
+            targets=state.delivery_counts() if len(config.targets) > 1 else {},
             config=without_secrets(config),
         )
 
@@ -193,6 +194,9 @@ def without_secrets(config: Config) -> list[tuple[str, str]]:
             key = f"{prefix}{field.name}"
             if dataclasses.is_dataclass(value):
                 add(f"{key}.", value)
+            elif isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0]):
+                for number, item in enumerate(value):  # targets, and each target's rules
+                    add(f"{key}[{number}].", item)
             elif "password" in field.name:
                 rows.append((key, "(set)" if value else ""))
             elif isinstance(value, frozenset):

@@ -34,6 +34,8 @@ def write_config(workdir: Path, source: OrthancServer, target: OrthancServer, **
         "http_listen": f"127.0.0.1:{free_ports(1)[0]}",
     }
     config.update(extra)
+    if "targets" in extra:  # several targets replace the single one
+        del config["target"]
     path = workdir / "bridge.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

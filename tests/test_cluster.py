@@ -15,7 +15,7 @@ import pytest
 
 from bridge import __version__
 from bridge.cluster import Batches, check_versions
-from bridge.config import ServerConfig
+from bridge.config import ServerConfig, TargetConfig
 from bridge.decoding import TranscodeOptions
 from bridge.errors import ConfigError
 from bridge.remote import Job, job
@@ -58,12 +58,14 @@ class FakeClient:
 
 def a_job() -> Job:
     server = ServerConfig("http://a:1", "u", "secret")
-    return job(server, ServerConfig("http://b:1"), TranscodeOptions(), False)
+    target = TargetConfig("target", ServerConfig("http://b:1", "v", "target-secret"))
+    return job(server, (target,), TranscodeOptions(), False)
 
 
 def test_the_job_carries_no_password() -> None:
     made = a_job()
     assert made.source.password is None and made.source.username == "u"
+    assert made.targets[0].server.password is None and made.targets[0].server.username == "v"
     assert made.version == __version__
 
 

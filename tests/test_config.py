@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -22,12 +23,38 @@ def test_shipped_file_loads_and_documents_every_key() -> None:
     raw = yaml.safe_load((REPO / "bridge.yaml").read_text())
     # Config.http gathers the http_* keys; Config.path is where the file was read from.
     http = {f"http_{f.name}" for f in dataclasses.fields(HttpConfig)}
-    top = {f.name for f in dataclasses.fields(Config)} - {"http", "path"} | http
+    # `targets` replaces `target`: documented as a commented example, tested below.
+    top = {f.name for f in dataclasses.fields(Config)} - {"http", "path", "targets"} | http
     # ServerConfig.nodes is source.url given as a list.
     server = {f.name for f in dataclasses.fields(ServerConfig)} - {"nodes"}
     assert set(raw) == top
     assert set(raw["source"]) == server
-    assert set(raw["target"]) == server
+    assert set(raw["target"]) == server | {"syntax", "rules"}
+
+
+def test_the_shipped_targets_example_is_valid() -> None:
+    text = (REPO / "bridge.yaml").read_text()
+    example = text[text.index("# targets:\n") :]
+    lines = list(itertools.takewhile(lambda line: line.startswith("# "), example.splitlines()))
+    lines = [line[2:] for line in lines]
+    raw = {**BASE, "targets": yaml.safe_load("\n".join(lines))["targets"]}
+    del raw["target"]
+    env = {"BRIDGE_TARGET_RESEARCH_USERNAME": "u", "BRIDGE_TARGET_RESEARCH_PASSWORD": "p"}
+    config = parse(raw, Path("/etc"), env=env)
+    research, archive = config.targets
+    assert (research.name, research.syntax, len(research.rules)) == (
+        "research",
+        "1.2.840.10008.1.2",
+        3,
+    )
+    assert (research.server.username, research.server.password) == ("u", "p")
+    assert archive.server.password is None
+    assert (archive.name, archive.rules[0].action, archive.rules[0].when) == (
+        "archive",
+        "forward",
+        None,
+    )
+    assert config.target == research.server
 
 
 def test_a_url_list_names_the_nodes_of_a_cluster() -> None:

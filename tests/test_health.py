@@ -45,7 +45,7 @@ def health(tmp_path: Path, clock: Clock) -> tuple[Health, FakeClient, FakeClient
     source, target = FakeClient("source"), FakeClient("target")
     state = State(tmp_path / "state")
     checked = Health(
-        cast(OrthancClient, source), cast(OrthancClient, target), state, 1.0, clock=clock
+        cast(OrthancClient, source), [cast(OrthancClient, target)], state, 1.0, clock=clock
     )
     return checked, source, target
 
@@ -199,7 +199,7 @@ def test_probes_run_in_the_background_until_closed(tmp_path: Path) -> None:
 
     state = State(tmp_path / "state")
     checked = Health(
-        cast(OrthancClient, Probed("source")), cast(OrthancClient, Probed("target")), state, 1.0
+        cast(OrthancClient, Probed("source")), [cast(OrthancClient, Probed("target"))], state, 1.0
     )
     checked.start()
     try:

@@ -185,6 +185,7 @@ from prometheus_client import generate_latest
 from bridge import metrics
 metrics.INSTANCES.labels(metrics.OUTCOMES[0], "unknown")
 metrics.SERVER_UP.labels(metrics.SERVERS[0]).set(1)
+metrics.DELIVERIES.labels("target", metrics.OUTCOMES[0])
 families = {family.name: family.type for family in metrics.REGISTRY.collect()}
 sys.stdout.write(json.dumps(families) + "\\n" + generate_latest(metrics.REGISTRY).decode())
 """

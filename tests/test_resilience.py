@@ -25,7 +25,8 @@ import pytest
 
 from bridge.state import State
 from tests import bridgectl, hostile
-from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, port_accepts
+from tests.conftest import MakeOrthanc
+from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, TARGET_USERS, OrthancServer, port_accepts
 from tests.polling import wait_for
 from tests.transcode_support import j2k_multiframe
 
@@ -230,6 +231,33 @@ def test_sigkill_at_random_moments_with_delete_original(
     # before each deletion, still accounts for every one.
     assert report["counts"] == {"converted": len(uploaded)}, report
     assert report["problems"] == [], report
+
+
+def test_sigkill_at_random_moments_with_two_targets(
+    source: OrthancServer,
+    target: OrthancServer,
+    make_orthanc: MakeOrthanc,
+    tmp_path: Path,
+    rng: random.Random,
+) -> None:
+    """Two targets, originals deleted: none goes before both hold their verified copies."""
+    archive = make_orthanc("archive")
+    (user, password), *_ = TARGET_USERS.items()
+    targets = [
+        {"name": "research", "url": target.url, "username": user, "password": password},
+        {"name": "archive", "url": archive.url, "rules": [{"action": "forward"}]},
+    ]
+    config, uploaded, _ = crash_loop(
+        rng, source, target, tmp_path, delete_original=True, targets=targets
+    )
+
+    assert source.instances() == []
+    assert_all_converted(target, uploaded)
+    assert set(archive.instances()) == uploaded  # forwarded: in the syntax they arrived in
+    report = status(config, source, target)
+    assert report["counts"] == {"converted": len(uploaded)}, report
+    assert report["targets"]["research"]["counts"] == {"converted": len(uploaded)}, report
+    assert report["targets"]["archive"]["counts"] == {"forwarded": len(uploaded)}, report
 
 
 # --- 3: the target goes away mid-stream ------------------------------------------------------

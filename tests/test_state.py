@@ -9,13 +9,14 @@ from typing import cast
 import pytest
 
 from bridge.budget import ByteBudget
+from bridge.config import ServerConfig, TargetConfig
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 from bridge.errors import Interrupted, StateError
 from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient, Stored
 from bridge.pipeline import Progress
 from bridge.state import CONVERTED, FAILED, PENDING, PROBLEMS, Entry, State
-from bridge.transfer import Transfer
+from bridge.transfer import Destination, Transfer
 
 
 @pytest.fixture
@@ -141,8 +142,9 @@ def test_a_decoded_copy_is_counted_before_it_is_decoded() -> None:
         return Transcoded(b"d" * 1000, "1.2.840.10008.1.2.4.90", "1.2.3", forwarded=False)
 
     servers = cast(OrthancClient, _Servers())
+    targets = [Destination(TargetConfig("target", ServerConfig("http://b")), servers)]
     transfer = Transfer(
-        servers, servers, decode, False, stop, budget, lambda entry: None, lambda data: 1000
+        servers, targets, decode, False, stop, budget, lambda entry: None, lambda data: 1000
     )
     assert transfer.run(NewInstance(1, "iid")).state == CONVERTED
     assert held_while_decoding == [100 + 1000]

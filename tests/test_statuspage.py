@@ -256,6 +256,16 @@ def test_no_problems_and_unknown_servers() -> None:
     assert "reasons" not in found.by_id
 
 
+def test_several_targets_get_their_own_counts() -> None:
+    counts = {"research": {"converted": 7, "skipped": 2}, "archive": {"forwarded": 9}}
+    found = Elements(render(sample_view(targets=counts)))
+    assert "research" in found.value("targets") and "7 converted, 2 skipped" in found.value(
+        "targets"
+    )
+    assert "9 forwarded" in found.value("targets")
+    assert "targets" not in Elements(render(sample_view())).by_id  # one target: no section
+
+
 class _Page(BaseHTTPRequestHandler):
     body = b""
 
