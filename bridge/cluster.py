@@ -55,6 +55,7 @@ class ClusterError(TransientError):
 def connect(config: ClusterConfig) -> Any:
     """A Dask client for the scheduler, after checking that every worker runs our version."""
     try:
+        import dask.config
         from distributed import Client
         from distributed.security import Security
     except ImportError:
@@ -69,6 +70,13 @@ def connect(config: ClusterConfig) -> Any:
             tls_client_key=config.tls_key,
             require_encryption=True,
         )
+    # The client's own ticks and system monitor, as the workers' (bridge.remote.DASK_SETTINGS).
+    dask.config.set(
+        {
+            "distributed.admin.tick.interval": "1s",
+            "distributed.admin.system-monitor.interval": "5s",
+        }
+    )
     try:
         client = Client(  # type: ignore[no-untyped-call]
             config.scheduler, security=security, timeout=30, set_as_default=False

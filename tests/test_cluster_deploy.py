@@ -9,6 +9,7 @@ from typing import Any
 import yaml
 
 from bridge.config import load, parse
+from bridge.remote import DASK_SETTINGS
 from tests.test_deploy import DEPLOY, SECRETS, compose_config
 
 KUBERNETES = DEPLOY / "kubernetes"
@@ -75,3 +76,10 @@ def test_kubernetes_example_coordinator_finds_the_dask_cluster() -> None:
     assert container["envFrom"] == worker["envFrom"]
     for path in KUBERNETES.iterdir():
         assert "PASSWORD=" not in path.read_text().replace("PASSWORD=...", "")
+
+
+def test_the_image_quiets_dasks_dashboard_feeds() -> None:
+    """The scheduler and workers run with bridge.remote.DASK_SETTINGS, as the tests' cluster."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for name, value in DASK_SETTINGS.items():
+        assert f"{name}={value}" in dockerfile, name
