@@ -2,15 +2,53 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import orthanc
 from tests.orthanc import OrthancPair, OrthancServer, StoreSCP, discard, pydicom_sample_paths
 
 MakeOrthanc = Callable[..., OrthancServer]
+
+# A test using one of these (directly or through another fixture) runs real Orthanc servers.
+ORTHANC_FIXTURES = frozenset({"orthanc_pair", "make_orthanc"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "orthanc: runs real Orthanc servers (added to the users of the orthanc fixtures); "
+        "scripts/test.sh runs these again against Orthanc 1.12",
+    )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which Orthanc the real-server tests run: `Orthanc 1.12.7 at /path/to/binary`."""
+    try:
+        version = ".".join(map(str, orthanc.orthanc_version()))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        version = f"(unknown: {exc})"
+    return f"Orthanc {version} at {orthanc.ORTHANC_BINARY}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if ORTHANC_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.orthanc)
+
+
+@pytest.fixture(autouse=True)
+def _orthanc_marker_guard(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Let tests/orthanc.py refuse to start a server in a test without the `orthanc` marker."""
+    orthanc.MARKED_FOR_ORTHANC = request.node.get_closest_marker("orthanc") is not None
+    try:
+        yield
+    finally:
+        orthanc.MARKED_FOR_ORTHANC = None
 
 
 @pytest.fixture

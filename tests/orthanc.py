@@ -1,13 +1,19 @@
 """Real Orthanc servers and a DCMTK storescp "workstation" for the tests.
 
-The servers are Debian's /usr/sbin/Orthanc (override with ORTHANC_BINARY), started on free
-loopback ports with a generated configuration that loads no plugin. A missing binary raises an
-error instead of skipping: in CI a missing Orthanc must fail the tests, not hide them.
+The servers are Debian's /usr/sbin/Orthanc (override with ORTHANC_BINARY, e.g.
+`ORTHANC_BINARY=scripts/orthanc-next` for Debian 13's Orthanc 1.12), started on free loopback ports
+with a generated configuration that loads no plugin. A missing binary raises an error instead of
+skipping: in CI a missing Orthanc must fail the tests, not hide them.
+
+Every test that runs Orthanc carries the `orthanc` marker (tests/conftest.py adds it to the users
+of the fixtures), so that `pytest -m orthanc` is the whole real-server suite: starting a server
+from a test without it is an error.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import random
@@ -26,7 +32,17 @@ import requests
 
 from tests.polling import wait_for
 
-ORTHANC_BINARY = Path(os.environ.get("ORTHANC_BINARY", "/usr/sbin/Orthanc"))
+
+def _binary_from_env(name: str, default: str) -> Path:
+    """An executable named by an environment variable; a relative path is taken from here.
+
+    The servers run in their own working directory, where `scripts/orthanc-next` would not be.
+    """
+    value = os.environ.get(name, default)
+    return Path(value).absolute() if "/" in value else Path(value)
+
+
+ORTHANC_BINARY = _binary_from_env("ORTHANC_BINARY", "/usr/sbin/Orthanc")
 STORESCP_BINARY = Path(os.environ.get("STORESCP_BINARY", "/usr/bin/storescp"))
 INSTALL_HINT = "run scripts/setup.sh (apt-get install orthanc dcmtk)"
 
@@ -100,6 +116,33 @@ def require_binary(binary: Path, what: str) -> None:
     """Raise FileNotFoundError with an install hint when a tool the tests need is missing."""
     if not os.access(binary, os.X_OK):
         raise FileNotFoundError(f"{what} not found at {binary}: {INSTALL_HINT}")
+
+
+@functools.cache
+def orthanc_version(binary: Path | None = None) -> tuple[int, ...]:
+    """The version of Orthanc under test (ORTHANC_BINARY by default), e.g. (1, 12, 7)."""
+    binary = binary or ORTHANC_BINARY
+    require_binary(binary, "Orthanc")
+    output = subprocess.run(
+        [str(binary), "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    # First line: "/usr/sbin/Orthanc 1.12.7" (a development build says "mainline").
+    word = output.splitlines()[0].split()[-1]
+    return tuple(int(part) for part in word.split(".")) if word[0].isdigit() else (999,)
+
+
+# Set around each test by tests/conftest.py: whether it carries the `orthanc` marker (None outside
+# pytest: the demo and the benchmarks start servers too).
+MARKED_FOR_ORTHANC: bool | None = None
+
+
+def check_marked_for_orthanc() -> None:
+    """Raise if the running test starts Orthanc without the `orthanc` marker."""
+    if MARKED_FOR_ORTHANC is False:
+        raise RuntimeError(
+            f"{os.environ.get('PYTEST_CURRENT_TEST', 'this test')} runs Orthanc without "
+            "@pytest.mark.orthanc: scripts/test.sh would not run it against every Orthanc version"
+        )
 
 
 class ChildProcess:
@@ -301,6 +344,7 @@ class OrthancServer:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Write the configuration, launch Orthanc, and return once its REST API answers."""
         require_binary(ORTHANC_BINARY, "Orthanc")
+        check_marked_for_orthanc()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
         argv = [str(ORTHANC_BINARY), str(self.config_path)]
@@ -420,9 +464,10 @@ class StoreSCP:
     That makes it the research workstation of the problem: it refuses what Orthanc A holds.
     """
 
-    def __init__(self, workdir: Path, aet: str = "STORESCP") -> None:
+    def __init__(self, workdir: Path, aet: str = "STORESCP", options: Sequence[str] = ()) -> None:
         self.workdir = workdir
         self.aet = aet
+        self.options = list(options)  # e.g. ["--implicit"]: a workstation that reads only that
         self.output_dir = workdir / "received"
         self.log_path = workdir / "storescp.log"
         (self.port,) = free_ports(1)
@@ -448,6 +493,7 @@ class StoreSCP:
             self.aet,
             "--output-directory",
             str(self.output_dir),
+            *self.options,
             str(self.port),
         ]
         self._process.spawn(argv, cwd=self.workdir)

@@ -253,6 +253,7 @@ def promql_expressions() -> Iterator[tuple[str, str]]:
         yield f"alert {rule['alert']}", rule["expr"]
 
 
+@pytest.mark.orthanc
 def test_every_query_names_a_metric_that_is_served(tmp_path: Path, bridge_exposition: str) -> None:
     bridge = bridge_metric_names(bridge_exposition)
     orthanc = orthanc_metric_names(tmp_path)

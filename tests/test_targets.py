@@ -21,7 +21,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from bridge.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Delivery, State
 from tests import bridgectl, hostile
 from tests.conftest import MakeOrthanc
-from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP
+from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, discard
 from tests.polling import wait_for
 
 IMPLICIT = "1.2.840.10008.1.2"
@@ -62,7 +62,12 @@ def report() -> bytes:
 
 
 def one(filename: str) -> bytes:
-    return bridgectl.variants(filename, 1)[0]
+    """A new instance of a pydicom test file, in a study of its own (labels go on studies)."""
+    ds = pydicom.dcmread(io.BytesIO(bridgectl.variants(filename, 1)[0]))
+    ds.StudyInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -74,8 +79,18 @@ def orthanc_version(server: OrthancServer) -> tuple[int, ...]:
 
 
 def test_each_instance_goes_where_the_rules_say_in_the_syntax_they_say(
-    make_orthanc: MakeOrthanc, storescp: StoreSCP, tmp_path: Path
+    make_orthanc: MakeOrthanc, tmp_path: Path
 ) -> None:
+    # The legacy workstation: DCMTK's storescp accepting Implicit VR Little Endian only.
+    storescp = StoreSCP(tmp_path / "storescp", options=["--implicit"])
+    storescp.start()
+    try:
+        check_routing(make_orthanc, storescp, tmp_path)
+    finally:
+        discard(storescp)
+
+
+def check_routing(make_orthanc: MakeOrthanc, storescp: StoreSCP, tmp_path: Path) -> None:
     source = make_orthanc("source")
     research = make_orthanc("research", modalities={"ws": storescp.modality})
     archive = make_orthanc("archive")
