@@ -8,6 +8,7 @@ sooner.
 
 import logging
 import os
+import re
 import sys
 
 DECODING_COMMANDS = {"run", "catch-up", "retry", "reconcile"}
@@ -15,7 +16,7 @@ DECODING_COMMANDS = {"run", "catch-up", "retry", "reconcile"}
 
 def main() -> int:
     """Entry point: start the decoders early when they will be needed, then run the CLI."""
-    if DECODING_COMMANDS & set(sys.argv[1:]):
+    if DECODING_COMMANDS & set(sys.argv[1:]) and not _on_a_cluster(sys.argv[1:]):
         # Forked now, while this process has imported almost nothing and runs no thread.
         from bridge import zygote
 
@@ -23,6 +24,23 @@ def main() -> int:
     from bridge.cli import main as cli_main
 
     return cli_main()
+
+
+def _on_a_cluster(args: list[str]) -> bool:
+    """Whether the configuration sends the transfers to a Dask cluster (`cluster:`), where
+    this process decodes nothing: a glance at the file, before yaml is even imported. Wrong
+    either way, it costs only start-up time: decoding processes start when first needed."""
+    path = "bridge.yaml"
+    for index, arg in enumerate(args):
+        if arg in ("-c", "--config") and index + 1 < len(args):
+            path = args[index + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            return re.search(r"^cluster:[ \t]*(\{|#|$)", file.read(), re.MULTILINE) is not None
+    except OSError:
+        return False
 
 
 def run() -> None:

@@ -13,6 +13,7 @@ machine; it never deletes an original. The coordinator keeps the ledger and deci
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import os
@@ -48,6 +49,9 @@ DASK_SETTINGS = {
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
     "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "5s",
 }
+
+# What Dask's nanny sets for its workers (distributed.nanny.pre-spawn-environ).
+_DASK_TRIM_THRESHOLD = "65536"
 
 # A worker gives up on a server after this long and lets the coordinator decide (it retries
 # the batch for ever in `run`): a worker never blocks a slot of the cluster indefinitely.
@@ -92,9 +96,27 @@ def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
     A server that stays down raises TransientError: the coordinator sends the batch again.
     """
     transfer = _transfer(job)
+    threads = _threads()
+    _leave_the_slot()
     # A few at a time: one's download and upload overlap another's decoding, which runs in a
     # process of its own, so that a worker's core decodes while its network waits.
-    return list(_threads().map(lambda iid: transfer.run(NewInstance(-1, iid)), instance_ids))
+    return list(threads.map(lambda iid: transfer.run(NewInstance(-1, iid)), instance_ids))
+
+
+def _leave_the_slot() -> None:
+    """Let Dask start the worker's next batch now; this one's instances still queue here.
+
+    Without it, a worker's core idled at the end of each batch, while its last instance
+    uploaded and the next batch had not begun: the cluster reached 0.82 of the local engine.
+    The worker's own threads (_threads) bound what runs at once, and the coordinator bounds
+    the batches in flight, so a worker never takes on more than those.
+    """
+    try:
+        from distributed import secede
+    except ImportError:
+        return
+    with contextlib.suppress(ValueError):  # not in a Dask worker (unit tests)
+        secede()  # type: ignore[no-untyped-call]
 
 
 def _slots() -> int:
@@ -161,6 +183,7 @@ def _transfer(job: Job) -> Transfer:
     # Decoding in decoding processes of the worker's own, one per Dask thread, as on one
     # machine: the same memory and time limits, a decoder crash costs that process, not the
     # Dask worker, and no decoder holds the GIL in a thread beside Dask's.
+    _keep_decoders_memory()
     decoder = DecoderPool(_slots(), job.options, never)
     return Transfer(
         source,
@@ -173,6 +196,19 @@ def _transfer(job: Job) -> Transfer:
         lambda data: decoded_size(data, limit) or 0,
         deletes=False,
     )
+
+
+def _keep_decoders_memory() -> None:
+    """Let the decoding processes keep freed memory, as they do outside Dask.
+
+    Dask's nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, so that a worker hands
+    memory back between tasks; the decoding processes inherited it and gave their buffers back
+    after every instance, to page them in again for the next (bridge.zygote keeps 32 MiB
+    instead, and honours a variable the user set). Measured: 14% more CPU per decode, 20.6
+    against 18.0 CPU s for 400 CT slices. A value of the user's own is left alone.
+    """
+    if os.environ.get("MALLOC_TRIM_THRESHOLD_") == _DASK_TRIM_THRESHOLD:
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
 
 
 def _with_credentials(server: ServerConfig, prefix: str) -> ServerConfig:
