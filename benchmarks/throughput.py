@@ -484,7 +484,7 @@ def bridge(
     done = [
         datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
         for line in lines
-        if " converted from " in line
+        if " converted from " in line or " converted on the cluster " in line
     ]
     steady = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
     return Result(
@@ -655,7 +655,14 @@ def _ratios(rounds: list[dict[str, Result]]) -> dict[str, list[float]]:
             if "naive (gdcm)" in runs:
                 found["bridge_over_naive_gdcm"] = bridge_run.rate / runs["naive (gdcm)"].rate
             if "bridge (cluster)" in runs:
-                found["cluster_over_bridge"] = runs["bridge (cluster)"].rate / bridge_run.rate
+                cluster = runs["bridge (cluster)"]
+                found["cluster_over_bridge"] = cluster.rate / bridge_run.rate
+                # After start-up (the cluster's includes importing Dask and connecting).
+                steady = bridge_run.extra.get("steady_instances_per_s") or 0.0
+                if steady:
+                    found["cluster_steady_over_bridge_steady"] = (
+                        cluster.extra.get("steady_instances_per_s") or 0.0
+                    ) / steady
             if "bridge (observed)" in runs:
                 observed = runs["bridge (observed)"]
                 found["observed_over_bridge"] = observed.rate / bridge_run.rate
@@ -855,6 +862,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("bridge_over_naive_plain", "bridge / naive (no gzip)"),
         ("bridge_over_naive_gdcm", "bridge / naive (gdcm)"),
         ("cluster_over_bridge", "bridge (cluster) / bridge: the cluster engine's overhead"),
+        (
+            "cluster_steady_over_bridge_steady",
+            "the same after start-up (first instance to last)",
+        ),
         ("observed_over_bridge", "bridge (observed) / bridge: what the HTTP server costs"),
         ("observed_cpu_over_bridge", "the same in instances per CPU second of the bridge"),
     ):

@@ -36,7 +36,7 @@ from bridge.errors import (
 )
 from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient
-from bridge.remote import Job, transfer_batch, version
+from bridge.remote import Job, transfer_batch, version, warm
 from bridge.retry import RetryPolicy
 from bridge.state import DELETING, FAILED, Entry
 from bridge.transfer import outcome_fields
@@ -147,6 +147,18 @@ class Batches:
         self._disconnected = False
         self._thread = threading.Thread(target=self._send_batches, name="cluster", daemon=True)
         self._thread.start()
+        self._warm()
+
+    def _warm(self) -> None:
+        """Have every worker start its decoding process now (bridge.remote.warm)."""
+        try:
+            answers = self._client.run(warm, self._job, on_error="return")
+        except Exception as exc:  # the first batches will say what is wrong
+            log.warning("cluster: could not prepare the workers: %s", exc)
+            return
+        for worker, answer in sorted(answers.items()):
+            if isinstance(answer, BaseException):
+                log.warning("cluster: worker %s could not prepare: %s", worker, answer)
 
     def transfer(self, instance_id: str) -> Entry:
         """Send `instance_id` with the next batch and wait for its outcome."""

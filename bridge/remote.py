@@ -90,6 +90,16 @@ def version() -> str:
     return __version__
 
 
+def warm(job: Job) -> None:
+    """Get ready for `job`'s tasks: connections set up, decoding process started.
+
+    Run on every worker when the coordinator connects (bridge.cluster), as one machine forks
+    its decoding processes at start: they import the decoders while the feed reads its first
+    page, instead of when the first batch arrives.
+    """
+    _transfer(job)
+
+
 def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
     """Move each instance to the target; permanent problems come back as entries.
 

@@ -37,12 +37,17 @@ class FakeClient:
 
     def __init__(self, threads: int = 2) -> None:
         self.batches: list[list[str]] = []
+        self.warmed: Job | None = None
         self._threads = threads
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(2)
 
     def nthreads(self) -> dict[str, int]:
         return {"w0": self._threads}
+
+    def run(self, func: Any, job: Job, on_error: str) -> dict[str, object]:
+        self.warmed = job  # Batches prepares the workers for its job first
+        return {"w0": None}
 
     def submit(self, func: Any, job: Job, ids: list[str], pure: bool) -> Future[list[Entry]]:
         with self._lock:

@@ -1,5 +1,5 @@
 """The compose stack is valid, keeps its secrets out of the files, and its Orthanc
-configurations do, on the Orthanc 1.10.1 the other tests use, what the design says."""
+configurations do, on the Orthancs the other tests use (1.10 and 1.12), what the design says."""
 
 from __future__ import annotations
 
