@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from bridge.errors import BridgeError, ConfigError, StateError
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline, Summary
 from bridge.retry import RetryPolicy, no_retry
+from bridge.routing import needs
 from bridge.sdnotify import Watchdog
 from bridge.state import PENDING, PROBLEMS, State
 from bridge.web import WebServer
@@ -125,12 +127,32 @@ def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, list[Or
 Work = Callable[[Pipeline, OrthancClient, list[OrthancClient]], Summary]
 
 
+def _check_labels(config: Config, source: OrthancClient) -> None:
+    """Refuse `label` conditions against an Orthanc without labels (before 1.12): they would
+    silently never match. A source that does not answer now is not held up for this."""
+    uses = [t.name for t in config.targets if "label" in needs(t.rules)]
+    if not uses:
+        return
+    try:
+        version = str(source.system().get("Version", ""))
+    except BridgeError as exc:
+        log.warning("cannot ask the source its version, to check that it has labels: %s", exc)
+        return
+    numbers = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if numbers and numbers < (1, 12):
+        raise ConfigError(
+            f"{uses[0]}: its rules test `label`, but the source runs Orthanc {version}, which "
+            "has no labels (Orthanc 1.12 and later)"
+        )
+
+
 def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
     """Run `work` on a pipeline, with the HTTP server, health probes and systemd's watchdog."""
     stop = threading.Event()
     forever = command == "run"
     retry = RetryPolicy(stop, max_wait=None if forever else config.catch_up_retry_seconds)
     source, targets = _clients(config, retry)
+    _check_labels(config, source)
     state = State(config.state_dir)
     with _stop_on_signals(stop):
         pipeline = Pipeline(config, state, source, targets, stop)

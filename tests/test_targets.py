@@ -29,14 +29,13 @@ JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
 J2K = "1.2.840.10008.1.2.4.90"
 J2K_LOSSY = "1.2.840.10008.1.2.4.91"
 
+HOLD = {"when": {"label": ["hold"]}, "action": "skip"}  # Orthanc 1.12 and later only
 RESEARCH_RULES = [
-    {"when": {"label": ["hold"]}, "action": "skip"},
     {"when": {"transfer_syntax": [JPEG_BASELINE]}, "action": "forward"},
     {"when": {"modality": ["SR", "PR", "KO"]}, "action": "forward"},
     {"when": {"not": {"modality": ["CT", "MR"]}}, "action": "skip"},
 ]
 ARCHIVE_RULES = [
-    {"when": {"label": ["hold"]}, "action": "skip"},
     {"when": {"modality": "NM"}, "action": "skip"},
     {"action": "forward"},
 ]
@@ -112,9 +111,15 @@ def check_routing(make_orthanc: MakeOrthanc, storescp: StoreSCP, tmp_path: Path)
     config = bridgectl.write_config(tmp_path, source, research, delete_original=True)
     raw = yaml.safe_load(config.read_text())
     del raw["target"]
+    hold = [HOLD] if labels else []
     raw["targets"] = [
-        {"name": "research", "url": research.url, "syntax": IMPLICIT, "rules": RESEARCH_RULES},
-        {"name": "archive", "url": archive.url, "rules": ARCHIVE_RULES},
+        {
+            "name": "research",
+            "url": research.url,
+            "syntax": IMPLICIT,
+            "rules": hold + RESEARCH_RULES,
+        },
+        {"name": "archive", "url": archive.url, "rules": hold + ARCHIVE_RULES},
     ]
     config.write_text(yaml.safe_dump(raw))
     done = bridgectl.run("catch-up", config, source, research)
@@ -208,3 +213,18 @@ def test_a_rule_file_with_a_typo_fails_at_start_up(
     assert done.returncode == 2
     assert "target.rules[0].when.modalty: unknown condition key" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_label_rules_need_an_orthanc_with_labels(make_orthanc: MakeOrthanc, tmp_path: Path) -> None:
+    source, target = make_orthanc("source"), make_orthanc("target")
+    config = bridgectl.write_config(tmp_path, source, target)
+    raw = yaml.safe_load(config.read_text())
+    raw["target"]["rules"] = [HOLD]
+    config.write_text(yaml.safe_dump(raw))
+    done = bridgectl.run("catch-up", config, source, target)
+    assert "Traceback" not in done.stderr
+    if orthanc_version(source) >= (1, 12):
+        assert done.returncode == 0, done.stderr
+    else:  # they would never match: refused at start-up
+        assert done.returncode == 2
+        assert "target: its rules test `label`, but the source runs Orthanc 1.10" in done.stderr
