@@ -15,14 +15,15 @@ import pytest
 
 from bridge import __version__
 from bridge.cluster import Batches, check_versions
-from bridge.config import ServerConfig, TargetConfig
+from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN, ServerConfig, TargetConfig
 from bridge.decoding import TranscodeOptions
 from bridge.errors import ConfigError
 from bridge.remote import Job, job
-from bridge.state import CONVERTED, FAILED, Entry, State
+from bridge.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, State
 from tests import bridgectl
+from tests.conftest import MakeOrthanc
 from tests.dask_cluster import DaskCluster
-from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer
+from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, TARGET_USERS, OrthancServer
 from tests.polling import wait_for
 
 J2K = "GDCMJ2K_TextGBR.dcm"
@@ -154,6 +155,58 @@ def test_catch_up_on_two_dask_workers_converts_and_deletes_every_original(
         state.close()
     assert {e.instance_id for e in entries} == uploaded
     assert all(e.deleted_original for e in entries)
+
+
+def test_two_targets_with_rules_on_the_cluster(
+    source: OrthancServer, target: OrthancServer, make_orthanc: MakeOrthanc, tmp_path: Path
+) -> None:
+    """Routing travels with the tasks; each worker reads each target's own credentials."""
+    archive = make_orthanc("archive")
+    converted = bridgectl.upload_variants(source, J2K, 12)
+    skipped = bridgectl.upload_variants(source, "JPEG2000.dcm", 4)  # NM: research skips it
+    (user, password), *_ = TARGET_USERS.items()
+    env = bridgectl.env(source, target) | {
+        "BRIDGE_TARGET_RESEARCH_USERNAME": user,
+        "BRIDGE_TARGET_RESEARCH_PASSWORD": password,
+    }
+    cluster = DaskCluster(tmp_path / "dask", 2, env)
+    cluster.start()
+    try:
+        targets = [
+            {
+                "name": "research",
+                "url": target.url,
+                "username": user,
+                "password": password,
+                "syntax": IMPLICIT_VR_LITTLE_ENDIAN,
+                "rules": [{"when": {"modality": ["NM"]}, "action": "skip"}],
+            },
+            {"name": "archive", "url": archive.url, "rules": [{"action": "forward"}]},
+        ]
+        config = bridgectl.write_config(
+            tmp_path,
+            source,
+            target,
+            delete_original=True,
+            targets=targets,
+            cluster={"scheduler": cluster.address, "batch_size": 4},
+        )
+        result = bridgectl.run("catch-up", config, source, target, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        cluster.stop()
+    assert set(target.instances()) == converted
+    assert {target.transfer_syntax(i) for i in converted} == {IMPLICIT_VR_LITTLE_ENDIAN}
+    assert set(archive.instances()) == converted | skipped
+    assert source.instances() == []  # every one taken by archive at least, and verified
+    state = State(tmp_path / "state", read_only=True)
+    try:
+        assert state.delivery_counts() == {
+            "research": {CONVERTED: 12, SKIPPED: 4},
+            "archive": {FORWARDED: 16},
+        }
+    finally:
+        state.close()
 
 
 def test_nothing_lost_when_a_worker_the_scheduler_and_the_coordinator_are_killed(
