@@ -21,7 +21,7 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 
-from bridge import __version__
+from bridge import __version__, zygote
 from bridge.budget import ByteBudget
 from bridge.config import ServerConfig, TargetConfig, target_env_prefix
 from bridge.decoding import DecoderPool, TranscodeOptions
@@ -88,6 +88,16 @@ def job(
 def version() -> str:
     """The orthanc-bridge version this worker runs (the coordinator refuses a mismatch)."""
     return __version__
+
+
+def dask_setup(worker: object) -> None:
+    """`dask worker --preload bridge.remote`: start the decoders' parent with the worker.
+
+    It imports the decoders (0.5 s) long before the first batch arrives, instead of when the
+    coordinator connects (`warm`); the decoding processes are then forked from it at once.
+    """
+    _keep_decoders_memory()
+    zygote.start()
 
 
 def warm(job: Job) -> None:

@@ -96,6 +96,9 @@ class DaskCluster:
             "--no-dashboard",
             "--memory-limit",
             "0",
+            # As deploy/ runs them: the decoders' parent starts with the worker.
+            "--preload",
+            "bridge.remote",
         ]
         return DaskProcess(argv, self.workdir / f"worker-{number}.log", self.env)
 

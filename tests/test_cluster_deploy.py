@@ -83,3 +83,15 @@ def test_the_image_quiets_dasks_dashboard_feeds() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for name, value in DASK_SETTINGS.items():
         assert f"{name}={value}" in dockerfile, name
+
+
+def test_workers_import_the_decoders_as_they_start(tmp_path: Path) -> None:
+    """`--preload bridge.remote` on every worker, as tests/dask_cluster.py runs them."""
+    secrets = SECRETS | {"BRIDGE_CONFIG": "bridge-cluster.yaml"}
+    result = compose_config(tmp_path, secrets, "--profile", "cluster")
+    assert result.returncode == 0, result.stderr
+    entrypoint = yaml.safe_load(result.stdout)["services"]["dask-worker"]["entrypoint"]
+    assert entrypoint[entrypoint.index("--preload") + 1] == "bridge.remote"
+    resource = yaml.safe_load((KUBERNETES / "dask-cluster.yaml").read_text())
+    args = resource["spec"]["worker"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--preload") + 1] == "bridge.remote"
