@@ -42,7 +42,8 @@ OVERLAP = 3
 # every 20 ms to detect a blocked event loop, a system monitor every 0.5 s and a statistical
 # profiler every 10 ms. On the 2-core test machine they cost a scheduler and two workers 22% of
 # a core when idle, and under load took the cluster's CPU per instance from 42 ms to 100 ms
-# (600 CT slices: 59.9 CPU s against 25.0 with these settings, the local engine 28.3). The
+# (600 instances of pydicom's GDCMJ2K_TextGBR.dcm: 59.9 CPU s against 25.0 with these
+# settings, the local engine 28.3). The
 # profiler can also deadlock a worker on Python 3.11 (see _quiet_profiler).
 DASK_SETTINGS = {
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
@@ -224,8 +225,8 @@ def _keep_decoders_memory() -> None:
     Dask's nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, so that a worker hands
     memory back between tasks; the decoding processes inherited it and gave their buffers back
     after every instance, to page them in again for the next (bridge.zygote keeps 32 MiB
-    instead, and honours a variable the user set). Measured: 14% more CPU per decode, 20.6
-    against 18.0 CPU s for 400 CT slices. A value of the user's own is left alone.
+    instead, and honours a variable the user set). Measured: 20.6 against 18.6 to 19.1 CPU s
+    of decoding for 400 CT slices (8 to 10% more). A value of the user's own is left alone.
     """
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == _DASK_TRIM_THRESHOLD:
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
