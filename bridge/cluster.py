@@ -43,6 +43,8 @@ from bridge.transfer import outcome_fields
 
 log = logging.getLogger(__name__)
 
+# How often the scheduler is asked how many workers it has.
+_WORKERS_EVERY = 2.0
 # How long a partial batch waits for more instances before it leaves.
 _LINGER = 0.02
 _POLL = 0.2
@@ -137,8 +139,11 @@ class Batches:
         self._queue: collections.deque[_Waiting] = collections.deque()
         # Halves of a batch that killed its workers, sent before anything else, as they are.
         self._split: collections.deque[list[_Waiting]] = collections.deque()
+        # The workers the scheduler has, as last asked: read by /metrics, /readyz and the page.
+        found = client.nthreads()
+        self.workers, self.threads = len(found), sum(found.values())
         # Batches in flight: enough to keep every worker thread busy with one waiting behind.
-        threads = sum(client.nthreads().values()) or 1
+        threads = self.threads or 1
         self._room = threading.BoundedSemaphore(max(2, 2 * threads))
         self.limit = max(2, 2 * threads) * batch_size  # instances worth having in flight
         self._closed = False
@@ -147,7 +152,30 @@ class Batches:
         self._disconnected = False
         self._thread = threading.Thread(target=self._send_batches, name="cluster", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._count_workers, name="cluster-workers", daemon=True).start()
         self._warm()
+
+    def _count_workers(self) -> None:
+        """Ask the scheduler its workers every few seconds, in a thread of its own: an answer
+        that is slow to come holds up nothing else."""
+        while not self._closed and not self._stop.wait(_WORKERS_EVERY):
+            try:
+                if getattr(self._client, "status", "running") != "running":
+                    raise ClusterError("not connected")
+                found = self._client.nthreads()
+            except Exception:  # lost, or reconnecting: no worker to count on
+                found = {}
+            self.workers, self.threads = len(found), sum(found.values())
+
+    def problem(self) -> str | None:
+        """Why the cluster cannot take work now (for /readyz); None when it can."""
+        status = getattr(self._client, "status", "running")
+        address = getattr(getattr(self._client, "scheduler", None), "address", "the scheduler")
+        if status != "running":
+            return f"the Dask scheduler {address} is lost ({status}); reconnecting"
+        if not self.workers:
+            return f"no Dask worker is connected to the scheduler {address}"
+        return None
 
     def _warm(self) -> None:
         """Have every worker start its decoding process now (bridge.remote.warm)."""

@@ -67,6 +67,8 @@ class Health:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.servers = (source, *targets)
+        # More reasons not to be ready, each None when all is well (the cluster's, for one).
+        self.checks: list[Callable[[], str | None]] = []
         self._state = state
         self._clock = clock
         self._beat = clock()
@@ -106,6 +108,7 @@ class Health:
                 reasons.append(f"{name} has not answered for {now - client.last_answer:.0f} s")
         if self.state_problem:
             reasons.append(self.state_problem)
+        reasons += [reason for check in self.checks if (reason := check())]
         stuck = self.liveness()
         if stuck:
             reasons.append(stuck)

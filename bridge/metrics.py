@@ -89,6 +89,11 @@ INSTANCES = Counter(
     ["outcome", "syntax"],
     registry=REGISTRY,
 )
+CLUSTER_WORKERS = Gauge(
+    "orthanc_bridge_cluster_workers",
+    "Dask workers connected to the cluster's scheduler, as last asked (0 without `cluster:`)",
+    registry=REGISTRY,
+)
 DELIVERIES = Counter(
     "orthanc_bridge_deliveries",
     "Instances finished at each target, by outcome: converted, forwarded, skipped (its rules "

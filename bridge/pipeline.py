@@ -180,6 +180,10 @@ class Pipeline:
         self._pending_lock = threading.Lock()
         self._progress = Progress(state)
         self.health = Health(source, targets, state, config.poll_interval)
+        if self._batches is not None:
+            batches = self._batches
+            self.health.checks.append(batches.problem)
+            metrics.CLUSTER_WORKERS.set_function(lambda: batches.workers)
         self.throughput = Throughput()
         # What the status page says the bridge is doing; the commands set it.
         self.mode = "starting"
@@ -212,6 +216,15 @@ class Pipeline:
     def inflight_limit(self) -> int:
         """max_inflight_mb in bytes."""
         return self._budget.limit
+
+    def cluster(self) -> str | None:
+        """The cluster the transfers run on, as the status page says it; None on one machine."""
+        if self._batches is None or self.config.cluster is None:
+            return None
+        return (
+            f"{self._batches.workers} Dask workers with {self._batches.threads} threads, "
+            f"at {self.config.cluster.scheduler}"
+        )
 
     @property
     def decoders_configured(self) -> int:

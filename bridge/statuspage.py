@@ -84,6 +84,7 @@ class StatusView:
     refresh_seconds: int = 5
     # All-time counts by state at each target, when there are several (routing).
     targets: dict[str, dict[str, int]] = field(default_factory=dict)
+    cluster: str | None = None  # "N Dask workers with M threads, at tcp://...", on a cluster
 
 
 def render(view: StatusView) -> str:
@@ -187,14 +188,20 @@ def _resources(view: StatusView) -> str:
     share = min(1.0, view.inflight_bytes / limit) if limit > 0 else 0.0
     limit_text = f"{limit / MIB:,.0f} MiB" if limit > 0 else "no limit"
     short = "short" if view.decoders_alive < view.decoders_configured else ""
+    if view.cluster is not None:  # the workers decode; this process keeps none
+        decoding = f'<h2>Cluster</h2>\n<p id="cluster">{_e(view.cluster)}</p>'
+    else:
+        decoding = (
+            f'<h2>Decoding processes</h2>\n<p id="decoders" class="{short}">'
+            f"<b>{_n(view.decoders_alive)}</b> alive of {_n(view.decoders_configured)}, "
+            f"{_plural(view.decoder_restarts, 'restart')}</p>"
+        )
     return f"""<section class="card">
 <h2>In flight</h2>
 <p id="inflight"><b>{_n(view.inflight_instances)}</b> instances,
 <b>{view.inflight_bytes / MIB:,.1f} MiB</b> of {limit_text}</p>
 <div class="meter"><div style="width: {share * 100:.1f}%"></div></div>
-<h2>Decoding processes</h2>
-<p id="decoders" class="{short}"><b>{_n(view.decoders_alive)}</b> alive
-of {_n(view.decoders_configured)}, {_plural(view.decoder_restarts, "restart")}</p>
+{decoding}
 </section>"""
 
 

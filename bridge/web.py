@@ -154,6 +154,7 @@ class _Pages:
             ],
             retry_command=f"orthanc-bridge retry -c {config.path or 'bridge.yaml'}",
             targets=state.delivery_counts() if len(config.targets) > 1 else {},
+            cluster=pipeline.cluster(),
             config=without_secrets(config),
         )
 

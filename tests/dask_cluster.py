@@ -107,7 +107,8 @@ class DaskCluster:
         wait_for(lambda: port_accepts(self.port), START_TIMEOUT, "the Dask scheduler")
         for worker in self.workers:
             worker.start()
-        self.wait_for_workers(len(self.workers))
+        if self.workers:
+            self.wait_for_workers(len(self.workers))
 
     def wait_for_workers(self, count: int) -> None:
         """Until `count` workers have joined the scheduler."""

@@ -7,11 +7,13 @@ Orthanc runs against real servers, a real `dask scheduler` and two `dask worker`
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from bridge import __version__
 from bridge.cluster import Batches, check_versions
@@ -207,6 +209,45 @@ def test_two_targets_with_rules_on_the_cluster(
         }
     finally:
         state.close()
+
+
+def test_not_ready_without_workers_and_ready_once_one_joins(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    """/readyz, /metrics and the page say how many workers the coordinator has to send to."""
+    cluster = DaskCluster(tmp_path / "dask", 0, bridgectl.env(source, target))
+    cluster.start()
+    config = bridgectl.write_config(
+        tmp_path, source, target, cluster={"scheduler": cluster.address}
+    )
+    base = bridgectl.http_url(config)
+    bridge = bridgectl.start("run", config, source, target, tmp_path / "bridge.log")
+    try:
+
+        def answer(path: str) -> tuple[int, str] | None:
+            assert bridge.poll() is None, (tmp_path / "bridge.log").read_text()
+            try:
+                response = requests.get(base + path, timeout=5)
+            except requests.ConnectionError:
+                return None  # not listening yet
+            return response.status_code, response.text
+
+        def ready(expected: int) -> Callable[[], tuple[int, str] | None]:
+            return lambda: found if (found := answer("/readyz")) and found[0] == expected else None
+
+        _, text = wait_for(ready(503), 60, "/readyz 503 without workers")
+        assert "no Dask worker is connected to the scheduler" in text
+        assert "orthanc_bridge_cluster_workers 0.0" in (answer("/metrics") or (0, ""))[1]
+        worker = cluster._worker(0)
+        worker.start()
+        cluster.workers.append(worker)
+        wait_for(ready(200), 60, "/readyz 200 once a worker joined")
+        assert "orthanc_bridge_cluster_workers 1.0" in (answer("/metrics") or (0, ""))[1]
+        page = (answer("/") or (0, ""))[1]
+        assert "1 Dask workers with 1 threads" in page and 'id="decoders"' not in page
+    finally:
+        bridgectl.kill(bridge)
+        cluster.stop()
 
 
 def test_nothing_lost_when_a_worker_the_scheduler_and_the_coordinator_are_killed(
