@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         ("catch-up", _catch_up, "process every change up to the end of the feed, then exit"),
         ("status", _status, "cursor, backlog and counts; failures with their reasons"),
         ("retry", _retry, "process again the instances recorded as failed or unsupported"),
-        ("reconcile", _reconcile, "convert every source instance the target lacks"),
+        ("reconcile", _reconcile, "process every source instance that a target lacks"),
     ]
     for name, func, text in commands:
         command = sub.add_parser(name, parents=[common], help=text, description=text)
