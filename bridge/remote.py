@@ -112,7 +112,7 @@ def warm(job: Job) -> None:
 
 
 def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
-    """Move each instance to the target; permanent problems come back as entries.
+    """Move each instance to its targets; permanent problems come back as entries.
 
     A server that stays down raises TransientError: the coordinator sends the batch again.
     """
@@ -127,10 +127,11 @@ def transfer_batch(job: Job, instance_ids: list[str]) -> list[Entry]:
 def _leave_the_slot() -> None:
     """Let Dask start the worker's next batch now; this one's instances still queue here.
 
-    Without it, a worker's core idled at the end of each batch, while its last instance
-    uploaded and the next batch had not begun: the cluster reached 0.82 of the local engine.
-    The worker's own threads (_threads) bound what runs at once, and the coordinator bounds
-    the batches in flight, so a worker never takes on more than those.
+    Without it, a worker's core idles at the end of each batch, while its last instance
+    uploads and the next batch has not begun. (Its own effect was within this machine's noise:
+    0.82 of the local engine before, 0.80 after, in runs minutes apart.) The worker's own
+    threads (_threads) bound what runs at once, and the coordinator bounds the batches in
+    flight, so a worker never takes on more than those.
     """
     try:
         from distributed import secede
