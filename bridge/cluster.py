@@ -36,7 +36,7 @@ from bridge.errors import (
 )
 from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient
-from bridge.remote import Job, transfer_batch, version, warm
+from bridge.remote import DASK_SETTINGS, Job, transfer_batch, version, warm
 from bridge.retry import RetryPolicy
 from bridge.state import DELETING, FAILED, Entry
 from bridge.transfer import outcome_fields
@@ -72,13 +72,8 @@ def connect(config: ClusterConfig) -> Any:
             tls_client_key=config.tls_key,
             require_encryption=True,
         )
-    # The client's own ticks and system monitor, as the workers' (bridge.remote.DASK_SETTINGS).
-    dask.config.set(
-        {
-            "distributed.admin.tick.interval": "1s",
-            "distributed.admin.system-monitor.interval": "5s",
-        }
-    )
+    # The client's own ticks and system monitor, as the scheduler's and workers'.
+    dask.config.update(dask.config.config, dask.config.collect_env(DASK_SETTINGS))
     try:
         client = Client(  # type: ignore[no-untyped-call]
             config.scheduler, security=security, timeout=30, set_as_default=False

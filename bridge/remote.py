@@ -43,8 +43,8 @@ OVERLAP = 3
 # profiler every 10 ms. On the 2-core test machine they cost a scheduler and two workers 22% of
 # a core when idle, and under load took the cluster's CPU per instance from 42 ms to 100 ms
 # (600 instances of pydicom's GDCMJ2K_TextGBR.dcm: 59.9 CPU s against 25.0 with these
-# settings, the local engine 28.3). The
-# profiler can also deadlock a worker on Python 3.11 (see _quiet_profiler).
+# settings, the local engine 28.3). The profiler can also deadlock a worker on Python 3.11
+# (see _quiet_profiler).
 DASK_SETTINGS = {
     "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
     "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",

@@ -156,6 +156,7 @@ class Transfer:
                 # Only the converted copy is needed from here: free the original's share.
                 data = b""
                 holding.set(len(result.data))
+            converted: dict[str, _Copy] = {}  # by output syntax: each one written once
             for target in takers:
                 self._checkpoint()
                 try:
@@ -166,7 +167,10 @@ class Transfer:
                         continue
                     else:
                         assert result is not None
-                        copy = _converted(result, target.config.syntax)
+                        wanted = target.config.syntax
+                        if wanted not in converted:
+                            converted[wanted] = _converted(result, wanted)
+                        copy = converted[wanted]
                     self._store(target, iid, copy)
                 except PermanentError as exc:
                     delivered.append(Delivery(target.name, FAILED, _one_line(exc)))
@@ -174,7 +178,7 @@ class Transfer:
                 copies.append(copy)
                 delivered.append(Delivery(target.name, copy.state))
             passed_through = any(copy.passed_through for copy in copies)
-            del result, data, copies
+            del result, data, copies, converted
         return self._finish(item, syntax, tuple(delivered), passed_through, started)
 
     def _route(self, iid: str) -> dict[str, str]:
