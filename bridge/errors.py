@@ -68,3 +68,18 @@ class Interrupted(BridgeError):
 # The BaseExceptions that end a process on purpose. Every other one is an error of the input:
 # pyo3's PanicException (pylibjpeg-rle on a bad frame) derives from BaseException, not Exception.
 PROCESS_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def one_line(exc: BaseException) -> str:
+    """`exc` as one line for a reason, a log line or `status`: its type and message, no traceback.
+
+    Some libraries put a whole traceback into their messages (pydicom's `tag_in_exception`
+    appends `traceback.format_exc()`): that part, and every line after the first, is dropped.
+    """
+    text = str(exc)
+    cut = text.find("Traceback (most recent call last)")
+    if cut >= 0:
+        text = text[:cut]
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    name = type(exc).__name__
+    return f"{name}: {first}" if first else name
