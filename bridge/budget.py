@@ -39,11 +39,13 @@ class ByteBudget:
     def resize(self, held: int, wanted: int, ticket: int) -> int:
         """Change holding `ticket` from `held` to `wanted` bytes, waiting while growth does not
         fit, unless that holding is the oldest in flight."""
-        if wanted > held:
-            grow = wanted - held
-            self._wait(lambda: self.used + grow <= self.limit or ticket == min(self._open))
+        grow = wanted - held
         with self._cond:
-            self.used += wanted - held
+            # Checked and taken under one hold of the lock: threads woken together must not
+            # each see the same room and all take it.
+            if grow > 0:
+                self._wait(lambda: self.used + grow <= self.limit or ticket == min(self._open))
+            self.used += grow
             self.peak = max(self.peak, self.used)
             self._cond.notify_all()
         return wanted
@@ -64,6 +66,8 @@ class ByteBudget:
                 self._cond.notify_all()
 
     def _wait(self, ready: Callable[[], bool]) -> None:
+        """Block until `ready()`; returns with the condition's lock still held by the caller
+        when the caller holds it (it is reentrant)."""
         with self._cond:
             while not ready():
                 if self._stop.is_set():

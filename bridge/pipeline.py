@@ -20,7 +20,14 @@ from bridge.budget import ByteBudget
 from bridge.cluster import Batches, ClusterTransfer, connect
 from bridge.config import MIB, Config
 from bridge.decoding import DecoderPool, TranscodeOptions
-from bridge.errors import AccessDenied, FeedResetError, Interrupted, TransientError
+from bridge.errors import (
+    AccessDenied,
+    FeedResetError,
+    Interrupted,
+    StateError,
+    TransientError,
+    one_line,
+)
 from bridge.header import decoded_size
 from bridge.health import Health, Throughput
 from bridge.metrics import WAITING
@@ -30,6 +37,11 @@ from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.transfer import Destination, Transfer
 
 log = logging.getLogger(__name__)
+
+# While the ledger cannot be written, an outcome is written again after these many seconds,
+# doubling up to the longest.
+_RECORD_RETRY_FIRST = 0.5
+_RECORD_RETRY_LONGEST = 30.0
 
 
 @dataclass
@@ -76,19 +88,27 @@ class Progress:
             self._inflight.add(seq)
 
     def finish(self, entry: Entry) -> None:
-        """Record an instance's outcome and move the cursor in one transaction."""
+        """Record an instance's outcome and move the cursor in one transaction.
+
+        Nothing changes here unless the transaction commits: when the write fails (StateError),
+        the change stays in flight and the cursor below it, for the caller to try again.
+        """
         with self._lock:
+            cursor = self._next(finished=entry.seq)
+            self._state.record(entry, cursor)
             if entry.seq is not None:
                 self._inflight.discard(entry.seq)
-            self._state.record(entry, self._advance())
+            self._moved(cursor)
 
     def scanned(self, seq: int) -> None:
         """Every change up to `seq` was read; move the cursor if nothing below is in flight."""
         with self._lock:
-            self._scanned = max(self._scanned, seq)
-            cursor = self._advance()
+            scanned = max(self._scanned, seq)
+            cursor = self._next(scanned=scanned)
             if cursor is not None:
                 self._state.set_cursor(cursor)
+            self._scanned = scanned
+            self._moved(cursor)
 
     def rewind(self) -> None:
         """Start again from the beginning of a new change log (nothing may be in flight)."""
@@ -97,14 +117,18 @@ class Progress:
             self._state.set_cursor(0)
         metrics.feed_position(cursor=0)
 
-    def _advance(self) -> int | None:
-        """The new cursor, or None when it has not moved."""
-        cursor = min(self._inflight) - 1 if self._inflight else self._scanned
-        if cursor <= self._saved:
-            return None
-        self._saved = cursor
-        metrics.feed_position(cursor=cursor)
-        return cursor
+    def _next(self, finished: int | None = None, scanned: int | None = None) -> int | None:
+        """Where the cursor goes once change `finished` is out of flight and every change up
+        to `scanned` was read; None when it does not move. Changes nothing itself."""
+        inflight = self._inflight - {finished} if finished is not None else self._inflight
+        cursor = min(inflight) - 1 if inflight else max(self._scanned, scanned or 0)
+        return cursor if cursor > self._saved else None
+
+    def _moved(self, cursor: int | None) -> None:
+        """The cursor was written: `cursor`, unless None."""
+        if cursor is not None:
+            self._saved = cursor
+            metrics.feed_position(cursor=cursor)
 
 
 class Mover(Protocol):
@@ -265,7 +289,8 @@ class Pipeline:
         is gone, its change row went with it: only the ledger remembers it, so finish it here.
         If it is still there, the cursor is below its change and the feed redoes it.
         """
-        for entry in self.state.entries((DELETING,)):
+        # Every one of them: the cluster engine alone can have thousands in flight.
+        for entry in self.state.entries((DELETING,), limit=None):
             self.health.beat()
             if self.source.transfer_syntax(entry.instance_id) is None:
                 self.state.record(replace(entry, state=CONVERTED, deleted_original=True))
@@ -334,6 +359,11 @@ class Pipeline:
         with self._pending_lock:
             self._pending.discard(future)
         self._slots.release()
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            # _work records every outcome itself; whatever escapes it is a bug, never silent.
+            log.error("a transfer thread failed: %s", one_line(exc))
+            log.debug("the transfer thread's traceback", exc_info=exc)
 
     def _work(self, item: feed.NewInstance, tracked: bool) -> None:
         iid = item.instance_id
@@ -349,19 +379,48 @@ class Pipeline:
             return
         except Exception as exc:
             # A bug, not a bad file: keep the original, record why, keep the daemon going.
-            log.exception("instance %s: unexpected error", iid)
-            entry = Entry(iid, item.seq, FAILED, error=f"internal error: {exc!r}")
-        if tracked:
-            self._progress.finish(entry)
-        else:
-            self.state.record(entry)
+            log.error("instance %s: unexpected error: %s", iid, one_line(exc))
+            log.debug("instance %s: the unexpected error's traceback", iid, exc_info=True)
+            entry = Entry(iid, item.seq, FAILED, error=f"internal error: {one_line(exc)}")
+        if not self._record(entry, tracked):
+            return  # shutting down before the ledger took it: in flight, redone on restart
         self.summary.add(entry)
         metrics.count_instance(entry.state, entry.source_syntax, entry.deliveries)
         self.throughput.add()
 
+    def _record(self, entry: Entry, tracked: bool) -> bool:
+        """Write the outcome to the ledger, trying again while the ledger cannot be written
+        (disk full, locked by another program); False if the bridge stops first.
+
+        Until the write commits the change stays in flight, so the cursor never passes an
+        instance whose outcome is not recorded.
+        """
+        delay = _RECORD_RETRY_FIRST
+        while True:
+            try:
+                if tracked:
+                    self._progress.finish(entry)
+                else:
+                    self.state.record(entry)
+                return True
+            except StateError as exc:
+                log.error(
+                    "instance %s: cannot record its outcome (%s): %s; trying again in %.0f s",
+                    entry.instance_id,
+                    entry.state,
+                    exc,
+                    delay,
+                )
+            if self.stop.wait(delay):
+                return False
+            delay = min(delay * 2, _RECORD_RETRY_LONGEST)
+
     def _give_up(self, exc: TransientError | AccessDenied) -> None:
         """Stop everything: a server stayed down past the retry bound, or refuses us."""
         if isinstance(exc, TransientError):
+            if self.stop.is_set():
+                # The retries ended because the bridge is stopping, not because they gave up.
+                return
             # Only catch-up, retry and reconcile give up on a server; `run` retries for ever.
             self.summary.stopped_by = f"gave up waiting for a server: {exc}"
         else:

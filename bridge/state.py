@@ -7,6 +7,7 @@ so the two can never disagree. A lock file keeps a second bridge off the same st
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -139,6 +140,12 @@ class State:
                     raise
                 self._db.execute("COMMIT")
             except sqlite3.Error as exc:
+                # A COMMIT that failed (disk full, I/O error, busy) may leave the transaction
+                # open, and every later BEGIN would then fail: end it, so that the next write
+                # starts clean and this one can be tried again in full.
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise StateError(f"cannot write the state in {self.dir}: {exc}") from None
 
     def _query(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
@@ -165,6 +172,9 @@ class State:
     def record(self, entry: Entry, cursor: int | None = None) -> None:
         """Write an instance's outcome and, in the same transaction, the cursor that passes it."""
         now = time.time()
+        # `retry` and `reconcile` work outside the change log (sequence -1): the row keeps the
+        # change it was last seen at, which the feed compares when it meets that change again.
+        seq = entry.seq if entry.seq is not None and entry.seq >= 0 else None
         with self._transaction() as db:
             db.execute(
                 """INSERT INTO instances (instance_id, seq, state, source_syntax, attempts, error,
@@ -179,7 +189,7 @@ class State:
                        deleted_original = excluded.deleted_original""",
                 (
                     entry.instance_id,
-                    entry.seq,
+                    seq,
                     entry.state,
                     entry.source_syntax,
                     entry.error,
@@ -258,13 +268,14 @@ class State:
             return f"cannot write the state in {self.dir}: {exc}"
         return None
 
-    def entries(self, states: tuple[str, ...], limit: int = 1000) -> list[Entry]:
-        """The most recently updated entries in the given states."""
+    def entries(self, states: tuple[str, ...], limit: int | None = 1000) -> list[Entry]:
+        """The most recently updated entries in the given states; all of them if `limit` is
+        None."""
         marks = ",".join("?" * len(states))
         rows = self._query(
             f"SELECT {_COLUMNS} FROM instances WHERE state IN ({marks}) "
             "ORDER BY updated DESC LIMIT ?",
-            (*states, limit),
+            (*states, -1 if limit is None else limit),  # SQLite: a negative LIMIT is none
         )
         return [_entry(row) for row in rows]
 

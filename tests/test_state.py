@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+import sys
 import threading
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
-from bridge.budget import ByteBudget
+from bridge.budget import ByteBudget, Holding
 from bridge.config import ServerConfig, TargetConfig
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 from bridge.errors import Interrupted, StateError
 from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient, Stored
 from bridge.pipeline import Progress
-from bridge.state import CONVERTED, FAILED, PENDING, PROBLEMS, Entry, State
+from bridge.state import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, State
 from bridge.transfer import Destination, Transfer
+from tests.polling import wait_for
 
 
 @pytest.fixture
@@ -149,3 +153,113 @@ def test_a_decoded_copy_is_counted_before_it_is_decoded() -> None:
     assert transfer.run(NewInstance(1, "iid")).state == CONVERTED
     assert held_while_decoding == [100 + 1000]
     assert budget.used == 0 and budget.peak == 1100
+
+
+# --- issue 19: edges of the ledger, the cursor and the budget -------------------------------
+
+
+def test_retry_and_reconcile_keep_the_change_an_instance_was_recorded_at(state: State) -> None:
+    """They work outside the change log (sequence -1): the row keeps its real change."""
+    state.record(Entry("a", 7, FAILED, error="truncated"))
+    state.requeue(PROBLEMS)
+    state.record(Entry("a", -1, CONVERTED))
+    entry = state.get("a")
+    assert entry is not None and (entry.seq, entry.state) == (7, CONVERTED)
+    assert state.finished("a", 7)  # the feed, meeting change 7 again, knows it is done
+
+
+class _FailingCommit:
+    """A connection whose next COMMIT fails as a full disk makes it fail (SQLite leaves the
+    transaction open); everything else goes to the real connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self.failures = 1
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql == "COMMIT" and self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_a_failed_commit_is_rolled_back_and_the_write_can_be_done_again(state: State) -> None:
+    state.set_cursor(3)
+    failing = _FailingCommit(state._db)
+    state._db = cast(sqlite3.Connection, failing)
+    with pytest.raises(StateError, match="disk is full"):
+        state.record(Entry("a", 4, CONVERTED), cursor=4)
+    # Not half-written, and the next transaction can begin (before: "cannot start a
+    # transaction within a transaction" for ever after).
+    assert state.cursor() == 3 and state.get("a") is None
+    state.record(Entry("a", 4, CONVERTED), cursor=4)
+    assert state.cursor() == 4 and state.finished("a", 4)
+
+
+def test_the_cursor_does_not_move_when_the_outcome_could_not_be_written(state: State) -> None:
+    progress = Progress(state)
+    progress.start(5)
+    progress.scanned(9)
+    failing = _FailingCommit(state._db)
+    state._db = cast(sqlite3.Connection, failing)
+    with pytest.raises(StateError):
+        progress.finish(Entry("i5", 5, CONVERTED))
+    assert (progress.cursor, state.cursor()) == (4, 4)  # still below the unrecorded change
+    progress.scanned(12)  # the feed reads on: the cursor still may not pass change 5
+    assert state.cursor() == 4
+    progress.finish(Entry("i5", 5, CONVERTED))  # written again, this time it commits
+    assert (progress.cursor, state.cursor()) == (12, 12) and state.finished("i5", 5)
+
+
+def test_every_deleting_row_can_be_read_not_only_the_latest_thousand(state: State) -> None:
+    for n in range(1500):
+        state.record(Entry(f"i{n}", n, DELETING))
+    assert len(state.entries((DELETING,), limit=None)) == 1500
+    assert len(state.entries((DELETING,))) == 1000
+
+
+def test_budget_growth_is_checked_and_taken_at_once_by_threads_woken_together() -> None:
+    """Many threads wait for room; room for one frees up: only one may take it.
+
+    The window between seeing room and taking it was a few bytecodes wide: threads switch as
+    often as possible here, and the scene is played twenty times.
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(20):
+            held = _room_for_one_among_many()
+            assert held == 60, f"{held} bytes held with a limit of 100"
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _room_for_one_among_many() -> int:
+    """Bytes held once room for one of 40 waiting 60-byte holdings was made."""
+    stop = threading.Event()
+    budget = ByteBudget(100, stop)
+    oldest = budget.holding()
+    blocker = oldest.__enter__()
+    blocker.set(100)  # the oldest holding fills the budget
+    waiting = [budget.holding().__enter__() for _ in range(40)]
+
+    def grow(holding: Holding) -> None:
+        with contextlib.suppress(Interrupted):  # the end of the scene stops those still waiting
+            holding.set(60)
+
+    threads = [threading.Thread(target=grow, args=(h,), daemon=True) for h in waiting]
+    for thread in threads:
+        thread.start()
+    waiters = budget._cond._waiters  # type: ignore[attr-defined]
+    wait_for(lambda: len(waiters) == len(threads), 5, "every thread to wait for room")
+    blocker.set(0)  # room for one 60-byte holding, not two
+    wait_for(lambda: budget.used >= 60, 5, "one holding to grow")
+    wait_for(lambda: len(waiters) == len(threads) - 1 or budget.used > 100, 5, "the others to wait")
+    held = budget.used
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    return held
