@@ -98,8 +98,10 @@ class _WorkerDied(Exception):
 
 def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOptions) -> None:
     """A worker's whole life: decode every file that arrives in `inbox` until it closes."""
-    # Ctrl-C reaches the whole process group; only the parent decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C and a supervisor's SIGTERM may reach the whole process group; only the bridge
+    # decides how to stop (see bridge.zygote, which ignores them already when it forks us).
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
     # What decoders print (OpenJPEG's complaints, a Rust panic's backtrace, GDCM's last words
     # before abort) goes to a file the bridge reads if this process dies, not to its log.
     os.dup2(stderr_fd, 2)
@@ -247,9 +249,14 @@ class _Worker:
                 # The worker took this instance up when it had answered the one before.
                 deadline = max(sent, self._answered_at) + seconds
             return self._answer(stop, deadline, seconds)
-        except (_WorkerDied, Interrupted, _TimedOut):
+        except (_WorkerDied, Interrupted, _TimedOut) as exc:
             # An answer left unread would go to the next caller: this worker is done for.
             self._break()
+            if isinstance(exc, Interrupted):
+                # Ended now, not when the pool closes: it would finish its instance and wait
+                # for ever to write an answer nobody reads (more than a pipe holds), while a
+                # caller behind this one waits for ever to send it the next instance.
+                self.process.kill()
             raise
         finally:
             with self._turn:

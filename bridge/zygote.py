@@ -222,8 +222,13 @@ def _keep_freed_memory() -> None:
 
 def _serve(requests: socket.socket, preload: str) -> None:
     """The parent's life: import, then fork a worker per request until the bridge goes."""
-    # Ctrl-C reaches the whole process group; only the bridge decides how to stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group, and a supervisor's SIGTERM may reach every
+    # process of the bridge (systemd's KillMode=control-group, `kill -TERM -PGID`): only the
+    # bridge decides how to stop. A decoding process that died of it first would look like a
+    # crash, and be replaced while the bridge stops. Ignored here, so in every worker too;
+    # they end when the bridge closes their pipes, or by its SIGKILL.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, signal.SIG_IGN)
     # numpy's OpenBLAS starts a spinning thread per core at import, and again in every forked
     # worker: CPU taken from decoding for nothing, since no BLAS routine is ever called and
     # the parallelism is the processes'. (0.15 s of CPU per import; the user's setting wins.)

@@ -31,6 +31,8 @@ def test_unit_file_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     text = UNIT.read_text()
     assert "Type=notify" in text and "WatchdogSec=" in text
+    # SIGTERM to the bridge alone: it stops its decoding processes (tests/test_shutdown.py).
+    assert "\nKillMode=mixed\n" in text
 
 
 def test_run_tells_systemd_ready_pets_the_watchdog_and_says_stopping(
