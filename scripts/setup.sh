@@ -8,7 +8,9 @@
 # browser), systemd (systemd-analyze verifies the unit file), prometheus (its promtool checks
 # deploy/monitoring; the server itself is never started), postgresql and orthanc-postgresql (the
 # tests start their own PostgreSQL 15 as the shared index of an Orthanc cluster; the packaged
-# service is disabled), debootstrap and python3-venv. Then .venv with the project and its
+# service is disabled), grokj2k-tools (Grok's grk_compress and grk_decompress: signed HTJ2K
+# encoded and decoded independently of the bridge's OpenJPEG, tests/test_htj2k.py), debootstrap
+# and python3-venv. Then .venv with the project and its
 # [test,gpl,cluster] extras.
 #
 # Also a Debian 13 (trixie) root holding its Orthanc 1.12 and orthanc-postgresql, built once with
@@ -36,6 +38,7 @@ missing_packages() {
     command -v chromium >/dev/null || echo chromium
     command -v systemd-analyze >/dev/null || echo systemd
     command -v promtool >/dev/null || echo prometheus
+    command -v grk_compress >/dev/null || echo grokj2k-tools
     # Not on PATH: Debian keeps the server binaries in a versioned directory.
     [ -x /usr/lib/postgresql/15/bin/postgres ] && [ -x /usr/lib/postgresql/15/bin/initdb ] \
         || echo postgresql

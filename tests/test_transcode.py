@@ -158,8 +158,8 @@ CASES = [
     # These two say "01" but their codestreams use the reversible 5-3 wavelet (rate-truncated).
     Case("j2k-5-3-marked-lossy", _file("693_J2KI.dcm"), "gdcmconv"),
     Case("j2k-5-3-marked-lossy-rgb", _file("SC_rgb_gdcm_KY.dcm"), "gdcmconv"),
-    # No HTJ2K file is bundled and no HTJ2K encoder is installed: a Part-1 codestream under the
-    # HTJ2K labels exercises the syntax path (openjpeg reads both); GDCM decodes the original.
+    # A Part-1 codestream under the HTJ2K labels exercises the syntax path (openjpeg reads both)
+    # against GDCM; real HTJ2K streams, signed, are in test_htj2k.py.
     Case(
         "htj2k-lossless",
         _written(
