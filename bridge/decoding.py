@@ -221,7 +221,10 @@ class _Worker:
         self._sent = self._answered = 0
         self._answered_at = 0.0  # when the latest answer was read: the next decode began then
         self.broken = False  # died, or its answers are out of step: never used again
+        self.replacing = False  # a caller is killing it and forking its successor
         self.successor: _Worker | None = None
+        self._killed = False
+        self._kill_lock = threading.Lock()
 
     def transcode(self, data: bytes, stop: threading.Event, seconds: float) -> Transcoded:
         """Decode `data`; _TimedOut once the worker has spent `seconds` on it."""
@@ -289,16 +292,22 @@ class _Worker:
             self._turn.notify_all()
 
     def kill(self) -> None:
+        """End the process and close its pipes and stderr; once, however often it is called
+        (closing a descriptor twice could close a file that took its number meanwhile)."""
         self._break()
-        for conn in (self._inbox, self._outbox):
-            conn.close()
-        self.process.kill()
-        self.process.join(timeout=5)
-        self.process.close()
-        with contextlib.suppress(OSError):
-            end = os.fstat(self._stderr).st_size
-            tail = os.pread(self._stderr, _STDERR_KEPT, max(0, end - _STDERR_KEPT))
-            self.last_words = tail.decode("utf-8", "replace")
+        with self._kill_lock:
+            if self._killed:
+                return
+            self._killed = True
+            for conn in (self._inbox, self._outbox):
+                conn.close()
+            self.process.kill()
+            self.process.join(timeout=5)
+            self.process.close()
+            with contextlib.suppress(OSError):
+                end = os.fstat(self._stderr).st_size
+                tail = os.pread(self._stderr, _STDERR_KEPT, max(0, end - _STDERR_KEPT))
+                self.last_words = tail.decode("utf-8", "replace")
             os.close(self._stderr)
 
     def crash(self) -> str | None:
@@ -429,24 +438,54 @@ class DecoderPool:
 
     def _current(self, worker: _Worker, why: str | None = None) -> _Worker:
         """The live worker that took over from `worker`: itself, or a new one if it broke
-        (stopped `why`, or found dead)."""
+        (stopped `why`, or found dead).
+
+        The old process is killed and the new one forked outside the pool's lock (a kill
+        waits up to 5 s for the process to end): the other callers borrow, decode and return
+        workers meanwhile, and those of the same worker wait for its successor. A fork that
+        fails leaves the broken worker to the next caller, who tries again.
+        """
         with self._changed:
-            worker = _latest(worker)
-            if not worker.broken:
-                return worker
-            if self._closed or self._stop.is_set():
-                raise Interrupted("shutting down")
+            while True:
+                worker = _latest(worker)
+                if not worker.broken:
+                    return worker
+                if self._closed or self._stop.is_set():
+                    raise Interrupted("shutting down")
+                if not worker.replacing:
+                    break
+                self._changed.wait(_POLL_SECONDS)  # another caller is replacing it
+            worker.replacing = True
+        try:
             worker.kill()
             if why:
                 log.warning("a decoding process was stopped: %s; starting a new one", why)
             else:
                 log.warning("a decoding process died (%s); starting a new one", worker.death())
+            successor = _Worker(self._options)
+        except OSError as exc:
+            log.error("cannot start a decoding process: %s", exc)
+            with self._changed:
+                worker.replacing = False
+                self._changed.notify_all()
+            return worker  # still broken: its caller counts a loss and tries again
+        except BaseException:
+            with self._changed:
+                worker.replacing = False
+                self._changed.notify_all()
+            raise
+        with self._changed:
             self.restarts += 1
             metrics.DECODER_RESTARTS.inc()
-            successor = worker.successor = _Worker(self._options)
+            worker.successor = successor
             # Its callers move to the successor with their instances.
             self._load[successor] = self._load.pop(worker)
-            return successor
+            self._changed.notify_all()
+            closed = self._closed
+        if closed:  # closed while it was forked: close() did not see it
+            successor.kill()
+            raise Interrupted("shutting down")
+        return successor
 
     def alive(self) -> int:
         """How many decoding processes are in service (a death is noticed at its next use)."""

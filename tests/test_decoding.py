@@ -11,10 +11,12 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import uid
 
+from bridge import decoding
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
 from bridge.errors import DecodeError, Interrupted
 from bridge.limits import memory_allowance, time_allowance
@@ -329,3 +331,84 @@ def test_what_decoders_print_stays_out_of_the_output() -> None:
     done = python(script)
     assert done.returncode == 0 and done.stdout == "True\n", done.stdout + done.stderr
     assert done.stderr == ""
+
+
+# --- issue 19: replacing a worker holds up nobody, and happens once --------------------------
+
+
+def test_other_callers_go_on_while_a_dead_worker_is_killed_and_replaced(
+    pool: DecoderPool, small: bytes, slow: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kill waits up to 5 s for the process to end: not with the pool's lock held."""
+    released = threading.Event()
+    killing = threading.Event()
+    real_kill = decoding._Worker.kill
+
+    def slow_kill(worker: decoding._Worker) -> None:
+        killing.set()
+        released.wait(30)
+        real_kill(worker)
+
+    monkeypatch.setattr(decoding._Worker, "kill", slow_kill)
+    before = {pid: cpu_seconds(pid) for pid in pool.pids()}
+    runner, future = in_background(pool, slow)
+    victim = busy_worker(pool, before)
+    os.kill(victim, signal.SIGKILL)
+    assert killing.wait(30)
+    # Meanwhile the pool answers, and the other worker decodes.
+    helper = ThreadPoolExecutor(1)
+    try:
+        answered = helper.submit(pool.alive)
+        wait_for(answered.done, 5, "the pool to answer while a worker is being replaced")
+        decoded = helper.submit(pool.decode, small)
+        wait_for(decoded.done, 30, "another instance to be decoded meanwhile")
+        assert decoded.result().source_syntax == uid.JPEG2000Lossless
+    finally:
+        released.set()
+        helper.shutdown()
+    assert len(future.result(timeout=60).data) > FRAMES * 512 * 512 * 2
+    runner.shutdown()
+    assert victim not in pool.pids() and pool.alive() == 2
+
+
+def test_a_failed_fork_of_a_replacement_is_tried_again_and_the_dead_worker_is_not_kept(
+    pool: DecoderPool, slow: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fork = decoding.zygote.fork
+    failures = [OSError(11, "Resource temporarily unavailable")]
+
+    def fork_failing_once(*args: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return real_fork(*args)
+
+    monkeypatch.setattr(decoding.zygote, "fork", fork_failing_once)
+    before = {pid: cpu_seconds(pid) for pid in pool.pids()}
+    runner, future = in_background(pool, slow)
+    victim = busy_worker(pool, before)
+    os.kill(victim, signal.SIGKILL)
+    assert len(future.result(timeout=60).data) > FRAMES * 512 * 512 * 2
+    runner.shutdown()
+    assert not failures, "the fork never failed"
+    assert victim not in pool.pids() and pool.alive() == 2
+    assert not any(worker.broken for worker in pool._load)
+
+
+def test_a_worker_killed_twice_closes_its_descriptors_once(
+    stop: threading.Event, tmp_path: Path
+) -> None:
+    pool = DecoderPool(1, TranscodeOptions(), stop)
+    try:
+        (worker,) = pool._load
+        worker.kill()
+        # Files opened now take the numbers the worker's pipes and stderr had.
+        others = [os.open(tmp_path / f"other{n}", os.O_CREAT | os.O_RDWR) for n in range(16)]
+        try:
+            worker.kill()
+            for fd in others:
+                os.fstat(fd)  # still open
+        finally:
+            for fd in others:
+                os.close(fd)
+    finally:
+        pool.close()
