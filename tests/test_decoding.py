@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from pydicom import uid
 
-from bridge import decoding
+from bridge import decoding, zygote
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
 from bridge.errors import DecodeError, Interrupted
 from bridge.limits import memory_allowance, time_allowance
@@ -374,7 +374,7 @@ def test_other_callers_go_on_while_a_dead_worker_is_killed_and_replaced(
 def test_a_failed_fork_of_a_replacement_is_tried_again_and_the_dead_worker_is_not_kept(
     pool: DecoderPool, slow: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_fork = decoding.zygote.fork
+    real_fork = zygote.fork
     failures = [OSError(11, "Resource temporarily unavailable")]
 
     def fork_failing_once(*args: Any) -> Any:
@@ -382,7 +382,7 @@ def test_a_failed_fork_of_a_replacement_is_tried_again_and_the_dead_worker_is_no
             raise failures.pop()
         return real_fork(*args)
 
-    monkeypatch.setattr(decoding.zygote, "fork", fork_failing_once)
+    monkeypatch.setattr(zygote, "fork", fork_failing_once)
     before = {pid: cpu_seconds(pid) for pid in pool.pids()}
     runner, future = in_background(pool, slow)
     victim = busy_worker(pool, before)
