@@ -7,6 +7,7 @@ line on stderr and an exit code, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -153,24 +154,26 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
     retry = RetryPolicy(stop, max_wait=None if forever else config.catch_up_retry_seconds)
     source, targets = _clients(config, retry)
     _check_labels(config, source)
-    state = State(config.state_dir)
-    with _stop_on_signals(stop):
+    with contextlib.ExitStack() as cleanup:
+        # Each part is closed, last made first, however far the start-up got (a Dask
+        # scheduler that cannot be reached fails the pipeline after the state was opened).
+        for client in (source, *targets):
+            cleanup.callback(client.close)
+        state = State(config.state_dir)
+        cleanup.callback(state.close)
+        cleanup.enter_context(_stop_on_signals(stop))
         pipeline = Pipeline(config, state, source, targets, stop)
+        cleanup.callback(pipeline.close)
+        cleanup.callback(pipeline.health.close)
         web = WebServer(config, command, pipeline)
+        cleanup.callback(web.close)
         watchdog = Watchdog(pipeline.health.liveness, lambda: pipeline.mode)
-        try:
-            web.start()
-            pipeline.health.start()
-            watchdog.start()
-            return work(pipeline, source, targets)
-        finally:
-            watchdog.close()
-            web.close()
-            pipeline.health.close()
-            pipeline.close()
-            state.close()
-            for client in (source, *targets):
-                client.close()
+        cleanup.callback(watchdog.close)
+        web.start()
+        pipeline.health.start()
+        watchdog.start()
+        return work(pipeline, source, targets)
+    raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 
 
 def _run(args: argparse.Namespace, config: Config) -> int:

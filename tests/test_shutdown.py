@@ -128,3 +128,27 @@ def test_a_stop_of_the_whole_group_forks_nothing_and_loses_no_decoder(
     assert "decoding process died" not in output, output
     assert seen <= before, f"processes started during the stop: {sorted(seen - before)}"
     assert len(set(target.instances())) < 8, "nothing was in flight when the signal came"
+
+
+def test_a_start_that_fails_half_way_closes_what_it_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A Dask scheduler that cannot be reached fails the pipeline after the state was opened:
+    the state's lock is let go (before: held until the process ended)."""
+    from bridge import cli, pipeline
+    from bridge.cluster import ClusterError
+
+    def unreachable(config: object) -> None:
+        raise ClusterError("cluster: cannot reach the scheduler tcp://127.0.0.1:1: refused")
+
+    monkeypatch.setattr(pipeline, "connect", unreachable)
+    config = tmp_path / "bridge.yaml"
+    config.write_text(
+        "source: {url: 'http://127.0.0.1:1'}\n"
+        "target: {url: 'http://127.0.0.1:2'}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "cluster: {scheduler: 'tcp://127.0.0.1:1'}\n"
+    )
+    assert cli.main(["catch-up", "-c", str(config)]) == cli.EXIT_SERVER
+    assert "cannot reach the scheduler" in capsys.readouterr().err
+    State(tmp_path / "state").close()  # not "another orthanc-bridge is already using"
