@@ -1,43 +1,39 @@
 """The cluster engine: transfers run on Dask workers, the ledger stays on this coordinator.
 
-The pipeline still dispatches one instance per transfer thread and keeps the feed, the cursor
-and the ledger here. `ClusterTransfer.run` hands the instance to a `Batches` queue, which
-sends small batches of IDs as Dask tasks (Dask costs about 1 ms per task, a CT slice 25 ms of
-decoding) and gives each waiting thread its own outcome. Workers download, transcode, upload
-and verify (bridge.remote); only the decision to delete an original is taken here, after the
-worker verified the copy, exactly as on one machine.
+The pipeline keeps the feed, the cursor and the ledger here. `ClusterTransfer.start` hands an
+instance to a `Batches` queue, which sends small batches of IDs as Dask tasks (Dask costs about
+1 ms per task, a CT slice 25 ms of decoding) and resolves each instance's own future when its
+batch answers; no thread waits per instance. Workers download, transcode, upload and verify
+(bridge.remote); only the decision to delete an original is taken here, in a few threads of
+our own, after the worker verified the copy, exactly as on one machine.
 
 Failures: a lost worker costs Dask a re-execution elsewhere (our transfers are idempotent). A
 batch that keeps killing workers (`KilledWorker`) is split in halves until the instance that
 kills them is alone; that one is recorded as failed. A lost scheduler, or a server that stays
-down for a worker, is a TransientError: the thread sends its instance again under the usual
-retry policy, while the Dask client reconnects by itself.
+down for a worker, is a TransientError: the instance is sent again after the retry policy's
+backoff (a timer, not a waiting thread), while the Dask client reconnects by itself.
 """
 
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 from bridge import __version__
 from bridge.config import ClusterConfig
-from bridge.errors import (
-    AccessDenied,
-    ConfigError,
-    Interrupted,
-    TransientError,
-)
+from bridge.errors import AccessDenied, ConfigError, Interrupted, TransientError, one_line
 from bridge.feed import NewInstance
 from bridge.orthanc import OrthancClient
 from bridge.remote import DASK_SETTINGS, Job, transfer_batch, version, warm
-from bridge.retry import RetryPolicy
+from bridge.retry import RetryPolicy, note_retry
 from bridge.state import DELETING, FAILED, Entry
 from bridge.transfer import outcome_fields
 
@@ -183,28 +179,34 @@ class Batches:
             if isinstance(answer, BaseException):
                 log.warning("cluster: worker %s could not prepare: %s", worker, answer)
 
-    def transfer(self, instance_id: str) -> Entry:
-        """Send `instance_id` with the next batch and wait for its outcome."""
+    def send(self, instance_id: str) -> Future[Entry]:
+        """Send `instance_id` with the next batch; its outcome arrives in the future returned
+        (Interrupted once the bridge stops: it is then redone on restart)."""
         waiting = _Waiting(instance_id, Future())
         with self._lock:
-            self._queue.append(waiting)
-            self._lock.notify()
-        while True:
-            try:
-                return waiting.outcome.result(timeout=_POLL)
-            except TimeoutError:
-                if self._stop.is_set():
-                    raise Interrupted("shutting down") from None
+            if self._stop.is_set() or self._closed:
+                _resolve(waiting.outcome, Interrupted("shutting down"))
+            else:
+                self._queue.append(waiting)
+                self._lock.notify()
+        return waiting.outcome
+
+    def transfer(self, instance_id: str) -> Entry:
+        """Send `instance_id` with the next batch and wait for its outcome."""
+        return self.send(instance_id).result()
 
     def close(self) -> None:
-        """Stop sending; callers still waiting are interrupted by the stop event."""
+        """Stop sending; callers still waiting are given Interrupted."""
         with self._lock:
             self._closed = True
             self._lock.notify_all()
         self._thread.join(timeout=5)
+        self._interrupt_all()
 
     def _send_batches(self) -> None:
         while True:
+            if self._stop.is_set():
+                self._interrupt_all()
             batch = self._next_batch()
             if batch is None:
                 return
@@ -216,6 +218,17 @@ class Batches:
                     return
                 self._watch_connection()
             self._submit(batch)
+
+    def _interrupt_all(self) -> None:
+        """The bridge stops: every caller still waiting, queued or in flight, is told so at
+        once (a batch in flight goes on on its worker; its outcome is ignored)."""
+        with self._lock:
+            waiting = [*self._queue, *(w for batch in self._split for w in batch)]
+            waiting += [w for batch in self._inflight.values() for w in batch]
+            self._queue.clear()
+            self._split.clear()
+        for each in waiting:
+            _resolve(each.outcome, Interrupted("shutting down"))
 
     def _watch_connection(self) -> None:
         """After the client lost its scheduler and reconnected, nothing sent before will ever
@@ -336,8 +349,62 @@ def _resolve(outcome: Future[Entry], result: Entry | BaseException) -> None:
         pass  # resolved meanwhile by another thread
 
 
+class _Later:
+    """Runs functions after a delay, in one thread; all of them at once when the bridge stops
+    (each then sees the stop and gives up)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="cluster-retry", daemon=True)
+        self._thread.start()
+
+    def call(self, delay: float, fn: Callable[[], None]) -> None:
+        """Run `fn` in `delay` seconds."""
+        with self._changed:
+            heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), fn))
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Run what is still due now, then end."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                ending = self._closed or self._stop.is_set()
+                if not self._due and self._closed:
+                    return
+                if self._due and (ending or self._due[0][0] <= now):
+                    fn = heapq.heappop(self._due)[2]
+                else:
+                    wait = self._due[0][0] - now if self._due else _POLL
+                    self._changed.wait(min(wait, _POLL))
+                    continue
+            try:
+                fn()
+            except Exception as exc:  # never expected: each fn resolves its own outcome
+                log.error("cluster: a retry failed: %s", one_line(exc))
+
+
 class ClusterTransfer:
-    """The coordinator's side of one instance: a worker moves it, this process deletes it."""
+    """The coordinator's side of one instance: a worker moves it, this process deletes it.
+
+    Nothing here waits for a worker: `start` queues the instance and returns a future, and the
+    worker's answer is handled by a few threads of this class (deleting the original, sending
+    it again after a transient failure), however many instances are in flight (thousands for
+    a cluster of 64 threads). A thread per instance, each polling its outcome, cost about
+    2,000 threads there.
+    """
+
+    THREADS = 4  # for the answers: deletions and their ledger rows
 
     def __init__(
         self,
@@ -352,12 +419,67 @@ class ClusterTransfer:
         self._delete_original = delete_original
         self._retry = retry
         self._record = record
+        self._answers = ThreadPoolExecutor(self.THREADS, thread_name_prefix="cluster-outcome")
+        self._later = _Later(retry.stop)
+
+    def start(self, item: NewInstance) -> Future[Entry]:
+        """Move one instance on the cluster; its outcome arrives in the future, with what
+        Transfer.run would raise (TransientError once the retries give up, Interrupted)."""
+        outcome: Future[Entry] = Future()
+        self._send(item, outcome, _Tries(time.monotonic()))
+        return outcome
 
     def run(self, item: NewInstance) -> Entry:
-        """Move one instance on the cluster; see Transfer.run for what propagates."""
-        started = time.monotonic()
+        """Move one instance on the cluster and wait for its outcome."""
+        return self.start(item).result()
+
+    def close(self) -> None:
+        """Stop handling answers; outcomes still awaited are given Interrupted."""
+        self._later.close()
+        self._answers.shutdown(wait=True, cancel_futures=True)
+
+    def _send(self, item: NewInstance, outcome: Future[Entry], tries: _Tries) -> None:
+        if self._retry.stop.is_set():
+            _resolve(outcome, Interrupted("shutting down"))
+            return
+        sent = self._batches.send(item.instance_id)
+        sent.add_done_callback(lambda done: self._answered(item, done, outcome, tries))
+
+    def _answered(
+        self, item: NewInstance, done: Future[Entry], outcome: Future[Entry], tries: _Tries
+    ) -> None:
+        """A worker's answer (in Dask's callback thread): handled in our threads."""
+        try:
+            self._answers.submit(self._handle, item, done, outcome, tries)
+        except RuntimeError:  # closed: the bridge is stopping
+            _resolve(outcome, Interrupted("shutting down"))
+
+    def _handle(
+        self, item: NewInstance, done: Future[Entry], outcome: Future[Entry], tries: _Tries
+    ) -> None:
+        try:
+            entry = done.result()
+        except TransientError as exc:
+            tries.failed += 1
+            wait = self._retry.wait_before(tries.failed, tries.failing_since())
+            if wait is None:  # stopping, or failing for longer than the policy allows
+                stopping = self._retry.stop.is_set()
+                _resolve(outcome, Interrupted("shutting down") if stopping else exc)
+                return
+            note_retry(None, exc, tries.failed, wait)
+            self._later.call(wait, lambda: self._send(item, outcome, tries))
+            return
+        except BaseException as exc:
+            _resolve(outcome, exc)
+            return
+        try:
+            _resolve(outcome, self._finish(item, replace(entry, seq=item.seq), tries.started))
+        except BaseException as exc:
+            _resolve(outcome, exc)
+
+    def _finish(self, item: NewInstance, entry: Entry, started: float) -> Entry:
+        """Delete the original once every copy is verified, and log the outcome."""
         iid = item.instance_id
-        entry = replace(self._retry.call(lambda: self._batches.transfer(iid)), seq=item.seq)
         if entry.deletable and self._delete_original:
             # The worker verified every copy (it always does when originals are deleted).
             self._record(replace(entry, state=DELETING))
@@ -373,3 +495,18 @@ class ClusterTransfer:
             extra=fields,
         )
         return entry
+
+
+@dataclass
+class _Tries:
+    """How one instance has fared on the cluster so far."""
+
+    started: float  # time.monotonic() when it was first sent
+    failed: int = 0  # transient failures in a row
+    first_failure: float | None = None
+
+    def failing_since(self) -> float:
+        """When the current run of transient failures began (noted at the first)."""
+        if self.first_failure is None:
+            self.first_failure = time.monotonic()
+        return self.first_failure

@@ -8,10 +8,11 @@ below the lowest change still in flight, so a crash at any moment redoes only un
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -132,12 +133,31 @@ class Progress:
 
 
 class Mover(Protocol):
-    """Moves one instance: bridge.transfer.Transfer here, bridge.cluster.ClusterTransfer on
-    a Dask cluster."""
+    """Moves instances: _Threads around bridge.transfer.Transfer here,
+    bridge.cluster.ClusterTransfer on a Dask cluster."""
 
-    def run(self, item: feed.NewInstance) -> Entry:
-        """The instance's outcome; TransientError and Interrupted propagate."""
+    def start(self, item: feed.NewInstance) -> Future[Entry]:
+        """Begin moving one instance; the future holds its outcome, or the TransientError,
+        AccessDenied or Interrupted that Transfer.run raises."""
         ...
+
+    def close(self) -> None:
+        """Stop; outcomes not yet given end as Interrupted (or cancelled)."""
+        ...
+
+
+class _Threads:
+    """Transfer.run in a pool of threads: each one downloads, waits for its decode, uploads."""
+
+    def __init__(self, transfer: Transfer, threads: int) -> None:
+        self._transfer = transfer
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
+
+    def start(self, item: feed.NewInstance) -> Future[Entry]:
+        return self._pool.submit(self._transfer.run, item)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Pipeline:
@@ -165,7 +185,7 @@ class Pipeline:
         self._budget = ByteBudget(config.max_inflight_mb * MIB, stop)
         self._decoder: DecoderPool | None = None
         self._batches: Batches | None = None
-        self._transfer: Mover
+        self._mover: Mover
         if config.cluster is not None:
             # The transfers run on Dask workers; here, only the feed, the ledger and deletions.
             self._batches = Batches(
@@ -174,15 +194,15 @@ class Pipeline:
                 config.cluster.batch_size,
                 stop,
             )
-            self._transfer = ClusterTransfer(
+            self._mover = ClusterTransfer(
                 self._batches, source, config.delete_original, source.retry, state.record
             )
-            threads = self._batches.limit + 2
-            slots = threads
+            threads = ClusterTransfer.THREADS
+            slots = self._batches.limit + 2
         else:
             self._decoder = DecoderPool(workers, self._options, stop)
             max_decoded = self._options.max_decoded_bytes  # larger ones are refused
-            self._transfer = Transfer(
+            transfer = Transfer(
                 source,
                 [Destination(t, client) for t, client in zip(config.targets, targets, strict=True)],
                 self._decoder.decode,
@@ -196,11 +216,11 @@ class Pipeline:
             # and the previous one uploading.
             threads = workers * 2 + 2
             slots = workers * 3 + 2
-        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
+            self._mover = _Threads(transfer, threads)
         for client in (source, *targets):
             client.keep_connections(threads + 1)  # the transfer threads and the feed
         self._slots = threading.Semaphore(slots)
-        self._pending: set[Future[None]] = set()
+        self._pending: set[Future[Entry]] = set()
         self._pending_lock = threading.Lock()
         self._progress = Progress(state)
         self.health = Health(source, targets, state, config.poll_interval)
@@ -307,7 +327,7 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the worker processes and threads, without waiting for abandoned decodes."""
-        self._threads.shutdown(wait=True, cancel_futures=True)
+        self._mover.close()
         if self._decoder is not None:
             self._decoder.close()
         if self._batches is not None:
@@ -350,26 +370,29 @@ class Pipeline:
                 return
         if tracked:
             self._progress.start(item.seq)
-        future = self._threads.submit(self._work, item, tracked)
+        future = self._mover.start(item)
         with self._pending_lock:
             self._pending.add(future)
-        future.add_done_callback(self._done)
+        future.add_done_callback(functools.partial(self._finished, item, tracked))
 
-    def _done(self, future: Future[None]) -> None:
-        with self._pending_lock:
-            self._pending.discard(future)
-        self._slots.release()
-        exc = None if future.cancelled() else future.exception()
-        if exc is not None:
-            # _work records every outcome itself; whatever escapes it is a bug, never silent.
-            log.error("a transfer thread failed: %s", one_line(exc))
-            log.debug("the transfer thread's traceback", exc_info=exc)
+    def _finished(self, item: feed.NewInstance, tracked: bool, future: Future[Entry]) -> None:
+        """An instance's outcome (in the thread that moved it, or one of the cluster's):
+        recorded before its slot is given back, so that _drain waits for the ledger too."""
+        try:
+            self._conclude(item, tracked, future)
+        except Exception as exc:  # a bug: never silent, and never the transfer's traceback
+            log.error("instance %s: its outcome was lost: %s", item.instance_id, one_line(exc))
+            log.debug("instance %s: the lost outcome's traceback", item.instance_id, exc_info=True)
+        finally:
+            with self._pending_lock:
+                self._pending.discard(future)
+            self._slots.release()
 
-    def _work(self, item: feed.NewInstance, tracked: bool) -> None:
+    def _conclude(self, item: feed.NewInstance, tracked: bool, future: Future[Entry]) -> None:
         iid = item.instance_id
         try:
-            entry = self._transfer.run(item)
-        except Interrupted:
+            entry = future.result()
+        except (Interrupted, CancelledError):
             return  # stays in flight: the cursor stays below it and a restart redoes it
         except (TransientError, AccessDenied) as exc:
             if not self.stop.is_set():
@@ -380,7 +403,7 @@ class Pipeline:
         except Exception as exc:
             # A bug, not a bad file: keep the original, record why, keep the daemon going.
             log.error("instance %s: unexpected error: %s", iid, one_line(exc))
-            log.debug("instance %s: the unexpected error's traceback", iid, exc_info=True)
+            log.debug("instance %s: the unexpected error's traceback", iid, exc_info=exc)
             entry = Entry(iid, item.seq, FAILED, error=f"internal error: {one_line(exc)}")
         if not self._record(entry, tracked):
             return  # shutting down before the ledger took it: in flight, redone on restart

@@ -8,7 +8,9 @@ so that SIGTERM is honoured at once even in the middle of a backoff.
 from __future__ import annotations
 
 import logging
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -51,11 +53,23 @@ class RetryPolicy:
             retrying = self._retrying[server] = self._build(server)
         return retrying(fn)
 
+    def wait_before(self, attempt: int, failing_since: float) -> float | None:
+        """For callers that cannot block in `call` (the cluster's outcomes, which arrive by
+        callback): the seconds to wait before trying again after failed attempt `attempt`
+        (1 for the first), failing since `failing_since` (time.monotonic()); None when the
+        policy gives up (stopping, or failing for longer than `max_wait`). The same backoff
+        as `call`'s."""
+        if self.stop.is_set():
+            return None
+        if self.max_wait is not None and time.monotonic() - failing_since >= self.max_wait:
+            return None
+        return random.uniform(0, min(self.longest, self.initial * 2 ** (attempt - 1)))
+
     def _build(self, server: str | None) -> tenacity.Retrying:
         def before_sleep(state: tenacity.RetryCallState) -> None:
-            if server is not None:
-                metrics.RETRIES.labels(server).inc()
-            _log_retry(state)
+            error = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0.0
+            note_retry(server, error, state.attempt_number, delay)
 
         give_up: tenacity.stop.stop_base = tenacity.stop_when_event_set(self.stop)
         if self.max_wait is not None:
@@ -75,7 +89,9 @@ def no_retry(stop: threading.Event | None = None) -> RetryPolicy:
     return RetryPolicy(stop or threading.Event(), max_wait=0.0)
 
 
-def _log_retry(state: tenacity.RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome else None
-    delay = state.next_action.sleep if state.next_action else 0.0
-    log.warning("%s; retry %d in %.1f s", error, state.attempt_number, delay)
+def note_retry(server: str | None, error: BaseException | None, attempt: int, delay: float) -> None:
+    """Log a retry with the error's own message (which names the call) and count it in
+    orthanc_bridge_retries_total{server}."""
+    if server is not None:
+        metrics.RETRIES.labels(server).inc()
+    log.warning("%s; retry %d in %.1f s", error, attempt, delay)

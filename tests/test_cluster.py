@@ -16,11 +16,14 @@ import pytest
 import requests
 
 from bridge import __version__
-from bridge.cluster import Batches, check_versions
+from bridge.cluster import Batches, ClusterTransfer, check_versions
 from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN, ServerConfig, TargetConfig
 from bridge.decoding import TranscodeOptions
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, Interrupted, ServerUnavailable
+from bridge.feed import NewInstance
+from bridge.orthanc import OrthancClient
 from bridge.remote import Job, job
+from bridge.retry import RetryPolicy
 from bridge.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, State
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
@@ -307,3 +310,96 @@ def test_nothing_lost_when_a_worker_the_scheduler_and_the_coordinator_are_killed
     assert counts == {CONVERTED: 300}, counts
     assert {e.instance_id for e in entries} == uploaded
     assert all(e.deleted_original for e in entries)
+
+
+def test_the_coordinator_keeps_a_few_threads_however_many_instances_are_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 Dask threads take 2,048 instances in flight (batches of 16, two per thread): the
+    coordinator waits for them with callbacks, not a thread each (before: 2,050 threads)."""
+    from bridge import pipeline as pipeline_module
+    from bridge.config import load
+
+    client = FakeClient(threads=64)
+    monkeypatch.setattr(pipeline_module, "connect", lambda config: client)
+    config_path = tmp_path / "bridge.yaml"
+    config_path.write_text(
+        "source: {url: 'http://127.0.0.1:1'}\n"
+        "target: {url: 'http://127.0.0.1:2'}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "cluster: {scheduler: 'tcp://127.0.0.1:1', batch_size: 16}\n"
+    )
+    config = load(config_path)
+    stop = threading.Event()
+    retry = RetryPolicy(stop, max_wait=5)
+    state = State(config.state_dir)
+    source = OrthancClient(config.source, "source", retry)
+    target = OrthancClient(config.targets[0].server, "target", retry)
+    engine = pipeline_module.Pipeline(config, state, source, [target], stop)
+    peak = threading.active_count()
+    sampling = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not sampling.wait(0.005):
+            peak = max(peak, threading.active_count())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        summary = engine.process([f"i{n:05d}" for n in range(6000)])
+    finally:
+        sampling.set()
+        sampler.join()
+        engine.close()
+        state.close()
+    assert summary.counts == {CONVERTED: 6000}, summary
+    assert len(client.batches) >= 6000 // 16
+    assert peak < 40, f"{peak} threads at the peak"
+
+
+class FlakyClient(FakeClient):
+    """The first `failures` batches fail as a worker whose server is down makes them fail."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def submit(self, func: Any, job: Job, ids: list[str], pure: bool) -> Future[list[Entry]]:
+        with self._lock:
+            if self.failures:
+                self.failures -= 1
+                failed: Future[list[Entry]] = Future()
+                failed.set_exception(ServerUnavailable("target Orthanc (POST /instances): down"))
+                return failed
+        return super().submit(func, job, ids, pure)
+
+
+@pytest.mark.parametrize("failures", [2, 10_000])
+def test_a_transient_failure_on_the_cluster_is_sent_again_until_the_policy_gives_up(
+    failures: int,
+) -> None:
+    """Sent again after a backoff, without a thread waiting; catch-up gives up after its
+    bounded wait with the last error."""
+    stop = threading.Event()
+    client = FlakyClient(failures)
+    batches = Batches(client, a_job(), 4, stop)
+    retry = RetryPolicy(stop, max_wait=1.0, initial=0.05, longest=0.2)
+    source = OrthancClient(ServerConfig("http://127.0.0.1:1"), "source", retry)
+    mover = ClusterTransfer(batches, source, False, retry, lambda entry: None)
+    try:
+        outcome = mover.start(NewInstance(7, "i7"))
+        if failures == 2:
+            entry = outcome.result(timeout=30)
+            assert (entry.instance_id, entry.seq, entry.state) == ("i7", 7, CONVERTED)
+            assert len(client.batches) == 1  # the third try reached the worker
+        else:
+            with pytest.raises(ServerUnavailable, match="down"):
+                outcome.result(timeout=30)
+        stop.set()  # an instance started now is interrupted at once
+        with pytest.raises(Interrupted):
+            mover.start(NewInstance(8, "i8")).result(timeout=30)
+    finally:
+        stop.set()
+        mover.close()
+        batches.close()
