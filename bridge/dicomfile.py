@@ -16,6 +16,7 @@ from pydicom.uid import UID
 from bridge.codecs import find_sequence_end
 from bridge.errors import DecodeError, TooLarge
 from bridge.header import LONG_VRS
+from bridge.vr import resolve as resolve_vrs
 
 PIXEL_DATA = 0x7FE00010
 _VALID_VRS = LONG_VRS | {
@@ -133,6 +134,10 @@ def parse(data: bytes, meta: FileMetaDataset, start: int, inflate_limit: int) ->
             pixel_value = buf[value_start:end]
     fp.seek(end)
     tail = read_dataset(fp, implicit, little)
+    if implicit:
+        # Before anything reads a value: pydicom would decide some VRs its own way on access.
+        resolve_vrs(dataset)
+        resolve_vrs(tail)
     verbatim = None
     if little and not implicit and not deflated and pixel_value is not None:
         verbatim = (buf[start:pos], buf[end:])

@@ -14,7 +14,13 @@ from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, pydicom_test_files
 from tests.polling import wait_for
-from tests.transcode_support import reference_pixels
+from tests.transcode_support import (
+    dump_without_meta,
+    reference_pixels,
+    run,
+    with_curves_and_overlay,
+    with_every_ambiguous_vr,
+)
 
 # One file per transfer syntax, chosen so that no two share an Orthanc ID (several of pydicom's
 # files are the same instance in different syntaxes). name -> lossless?
@@ -84,6 +90,29 @@ def test_catch_up_converts_every_syntax_keeps_uids_and_pixels(
     # Orthanc keeps appending Stable* rows (StableAge); the cursor follows them, never less.
     assert report["cursor"] >= cursor
     assert report["counts"] == {"converted": len(SAMPLES)}
+
+
+def test_implicit_vr_with_curves_overlays_and_open_vrs_arrives_as_dcmconv_writes_it(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    """Retired curve data and every "OB or OW"/"US or SS" element: converted, as DCMTK would."""
+    sources = {}
+    for name, data in (("curves", with_curves_and_overlay()), ("every", with_every_ambiguous_vr())):
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(data)
+        sources[str(source.upload(path)["ID"])] = path
+    config = bridgectl.write_config(tmp_path, source, target)
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(sources)} converted in" in result.stdout
+    for iid, path in sources.items():
+        assert target.transfer_syntax(iid) == EXPLICIT_VR_LITTLE_ENDIAN, path.name
+        ours = tmp_path / f"{path.stem}-bridge.dcm"
+        ours.write_bytes(target.file(iid))
+        theirs = tmp_path / f"{path.stem}-dcmconv.dcm"
+        run("dcmconv", "+te", str(path), str(theirs))
+        assert dump_without_meta(ours) == dump_without_meta(theirs), path.name
 
 
 def test_converted_instances_reach_an_uncompressed_only_workstation(

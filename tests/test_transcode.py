@@ -28,6 +28,7 @@ from bridge.transcode import transcode
 from tests.transcode_support import (
     assert_same_elements,
     bundled,
+    dump_without_meta,
     encapsulated_uncompressed,
     native_array,
     read,
@@ -35,6 +36,8 @@ from tests.transcode_support import (
     relabel,
     run,
     to_bytes,
+    with_curves_and_overlay,
+    with_every_ambiguous_vr,
 )
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
@@ -609,3 +612,21 @@ def test_meta_is_consistent_with_dataset() -> None:
     assert output.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
     assert output.file_meta.ImplementationClassUID == pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     assert BytesIO(transcode(to_bytes(ds)).data).read(132)[128:] == b"DICM"
+
+
+@pytest.mark.parametrize(
+    "build", [with_curves_and_overlay, with_every_ambiguous_vr], ids=["curves", "every"]
+)
+def test_ambiguous_vrs_are_written_as_dcmtk_writes_them(
+    build: Callable[[], bytes], tmp_path: Path
+) -> None:
+    """Implicit VR leaves "OB or OW", "US or SS"... open: each is decided as dcmconv +te does."""
+    source = tmp_path / "source.dcm"
+    source.write_bytes(build())
+    ours = tmp_path / "ours.dcm"
+    ours.write_bytes(transcode(source.read_bytes()).data)
+    theirs = tmp_path / "dcmconv.dcm"
+    run("dcmconv", "+te", str(source), str(theirs))
+    # dcmdump prints each element's VR and its values read by that VR: all must be the same.
+    assert dump_without_meta(ours) == dump_without_meta(theirs)
+    assert pydicom.dcmread(ours) == pydicom.dcmread(theirs)
