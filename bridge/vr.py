@@ -14,6 +14,8 @@ that the bridge writes what `dcmconv +te` writes; each was checked against it:
 - Twelve "US or SS" elements (PixelPaddingValue, LUTDescriptor...): SS when the same item's
   PixelRepresentation, read before them, is 1; US otherwise.
 - Any other "US or SS": US. "OB or OW": OB. "US or OW" and "US or SS or OW" (LUT data): OW.
+- A private element pydicom's private dictionaries give an open VR: as DCMTK's private.dic
+  says, UN when it does not know it.
 
 Only the VR changes: the value bytes are the same in either VR, little endian.
 """
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import struct
 
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, private_dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import AMBIGUOUS_VR
@@ -50,6 +52,9 @@ _BY_PIXEL_REPRESENTATION = frozenset(
 # Decided by WaveformBitsAllocated (DCMTK's case 1; PS3.5 8.3).
 _BY_WAVEFORM_BITS = frozenset({0x54000110, 0x54000112, 0x5400100A, 0x54001010})
 # What DCMTK writes when nothing else decides (getValidEVR of its "xs", "ox" and "lt").
+# pydicom's private dictionaries leave two elements open ("US or SS", "OB_OW"). DCMTK's
+# private.dic knows the first as SS; it knows nothing of the second, which it writes as UN.
+_PRIVATE = {("FDMS 1.0", 0x0027, 0xA3): "SS"}
 _DEFAULT = {"US or SS": "US", "OB or OW": "OB", "US or OW": "OW", "US or SS or OW": "OW"}
 
 
@@ -64,6 +69,11 @@ def resolve(dataset: Dataset) -> None:
                     resolve(item)
             continue
         vr = raw.VR or _dictionary_vr(int(tag))
+        if vr is None and tag.is_private:
+            private = _private_vr(dataset, int(tag))
+            if private is not None:
+                dataset[tag] = raw._replace(VR=private)
+            continue
         if vr == "SQ":
             for item in dataset[tag].value:
                 resolve(item)
@@ -77,6 +87,24 @@ def _dictionary_vr(tag: int) -> str | None:
         return str(dictionary_VR(tag))
     except KeyError:  # private or unknown: pydicom reads it as UN, nothing to decide
         return None
+
+
+def _private_vr(dataset: Dataset, tag: int) -> str | None:
+    """The VR DCMTK gives a private element that pydicom's private dictionaries leave open."""
+    creator_tag = tag & 0xFFFF0000 | (tag >> 8 & 0xFF)
+    if tag & 0xFFFF < 0x1000 or creator_tag not in dataset:
+        return None
+    creator = dataset.get_item(creator_tag).value
+    if isinstance(creator, bytes):
+        creator = creator.decode("latin-1")
+    creator = str(creator).strip(" \0")
+    try:
+        vr = str(private_dictionary_VR(tag, creator))
+    except KeyError:
+        return None
+    if len(vr) == 2:
+        return None  # not open: pydicom reads it by that VR
+    return _PRIVATE.get((creator, tag >> 16, tag & 0xFF), "UN")
 
 
 def _decide(item: Dataset, tag: int, vr: str) -> str:

@@ -629,4 +629,3 @@ def test_ambiguous_vrs_are_written_as_dcmtk_writes_them(
     run("dcmconv", "+te", str(source), str(theirs))
     # dcmdump prints each element's VR and its values read by that VR: all must be the same.
     assert dump_without_meta(ours) == dump_without_meta(theirs)
-    assert pydicom.dcmread(ours) == pydicom.dcmread(theirs)

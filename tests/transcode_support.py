@@ -279,6 +279,11 @@ def with_every_ambiguous_vr() -> bytes:
     lut.add_new(0x00283006, "OB", struct.pack("<H", 7))
     items.append(lut)
     ds.add_new(0x00283010, "SQ", pydicom.sequence.Sequence(items))  # VOILUTSequence
+    # Private elements pydicom's private dictionaries know with an open VR.
+    ds.add_new(0x00270010, "LO", "FDMS 1.0")
+    ds.add_new(0x002710A3, "OB", struct.pack("<2H", 0xFFFF, 2))  # "US or SS"
+    ds.add_new(0x70190010, "LO", "TOSHIBA_MEC_OT3")
+    ds.add_new(0x70191080, "OB", struct.pack("<2H", 0xFFFF, 2))  # "OB_OW"
     return _implicit(ds)
 
 
