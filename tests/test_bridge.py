@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bridge.state import State
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, pydicom_test_files
@@ -18,6 +19,7 @@ from tests.transcode_support import (
     dump_without_meta,
     reference_pixels,
     run,
+    with_broken_signature,
     with_curves_and_overlay,
     with_every_ambiguous_vr,
 )
@@ -187,6 +189,38 @@ def test_delete_mode_deletes_only_verified_originals(
     assert sorted(target.instances()) == sorted(good)
     status = bridgectl.run("status", config, source, target)
     assert bad_id in status.stdout and "failed" in status.stdout
+
+
+def test_an_unexpected_failure_is_one_line_in_ledger_status_and_log(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    """pydicom's message carries a traceback; the bridge records its type and first line."""
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(with_broken_signature())
+    iid = str(source.upload(path)["ID"])
+    config = bridgectl.write_config(tmp_path, source, target, log_format="json")
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 1, result.stdout + result.stderr
+    state = State(config.parent / "state", read_only=True)
+    try:
+        entry = state.get(iid)
+    finally:
+        state.close()
+    assert entry is not None and entry.error is not None
+    reason = entry.error
+    assert reason.startswith("BytesLengthException: With tag (FFFA,FFFA)"), reason
+    assert "(0018,9087)" in reason and "[SOP Instance UID" in reason, reason
+    status = bridgectl.run("status", config, source, target)
+    as_json = bridgectl.run("status", config, source, target, "--json")
+    problems = json.loads(as_json.stdout)["problems"]
+    assert [p["reason"] for p in problems] == [reason]
+    assert f"failed {iid} (1.2.840.10008.1.2): {reason}" in status.stdout
+    for output in (result.stdout, result.stderr, status.stdout, as_json.stdout):
+        assert "Traceback" not in output and 'File "' not in output
+    logged = [json.loads(line) for line in result.stderr.splitlines() if iid in line]
+    assert any(reason in line["message"] for line in logged), result.stderr
+    assert "\n" not in reason
 
 
 def truncated_j2k() -> bytes:

@@ -291,3 +291,17 @@ def dump_without_meta(path: Path) -> list[str]:
     """dcmdump's lines for the dataset of `path`, without its file meta information."""
     lines = run("dcmdump", "-q", "+L", str(path)).stdout.splitlines()
     return lines[lines.index("# Dicom-Data-Set") :]
+
+
+def with_broken_signature() -> bytes:
+    """An Implicit VR image whose Digital Signatures Sequence, after the pixel data, holds an
+    FD element of 6 bytes: pydicom fails on it while writing, and its message carries a whole
+    traceback (pydicom.tag.tag_in_exception)."""
+    ds = pydicom.dcmread(bundled("MR_small_implicit.dcm"))
+    _fresh_uids(ds)
+    item = Dataset()
+    item.add_new(0x04000005, "US", 1)  # MACIDNumber
+    item.add_new(0x00189087, "OB", b"\1" * 6)  # DiffusionBValue, FD: 6 bytes, not 8
+    item.add_new(0x04000120, "OB", b"\0" * 8)  # Signature
+    ds.add_new(0xFFFAFFFA, "SQ", pydicom.sequence.Sequence([item]))  # DigitalSignaturesSequence
+    return _implicit(ds)
