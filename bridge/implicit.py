@@ -154,11 +154,7 @@ def _through_pydicom(data: bytes | bytearray) -> bytes:
     import pydicom
     from pydicom.uid import UID
 
-    # An element the sender wrote as UN stays UN, byte for byte (see bridge.transcode).
-    replace_un, pydicom.config.replace_un_with_known_vr = (
-        pydicom.config.replace_un_with_known_vr,
-        False,
-    )
+    # An element the sender wrote as UN stays UN: bridge.dicomfile, imported by now, says so.
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         dataset.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
@@ -169,6 +165,4 @@ def _through_pydicom(data: bytes | bytearray) -> bytes:
     except Exception as exc:  # pydicom raises anything on data it cannot write
         log.debug("pydicom cannot write it in Implicit VR Little Endian", exc_info=True)
         raise DecodeError(f"cannot write it in Implicit VR Little Endian: {one_line(exc)}") from exc
-    finally:
-        pydicom.config.replace_un_with_known_vr = replace_un
     return out.getvalue()

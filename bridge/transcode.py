@@ -91,13 +91,6 @@ class _Context:
 def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:  # noqa: B008
     """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID."""
     context = _Context()
-    # An element the sender wrote with VR UN is kept as UN, byte for byte, as DCMTK does:
-    # pydicom would otherwise re-encode it with the dictionary's VR, and when that element
-    # is an identifier (PatientID...) Orthanc then files the copy under another ID.
-    replace_un, pydicom.config.replace_un_with_known_vr = (
-        pydicom.config.replace_un_with_known_vr,
-        False,
-    )
     try:
         return _transcode(bytes(data) if not isinstance(data, bytes) else data, options, context)
     except (DecodeError, UnsupportedSyntax, TooLarge) as exc:
@@ -114,8 +107,6 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
         # One line for the reason: pydicom puts whole tracebacks into some of its messages.
         log.debug("instance %s could not be converted", context.sop_instance_uid, exc_info=True)
         raise DecodeError(context.describe(one_line(exc))) from exc
-    finally:
-        pydicom.config.replace_un_with_known_vr = replace_un
 
 
 def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Transcoded:
