@@ -21,7 +21,7 @@ from pydicom.pixels.decoders.base import get_decoder
 
 from bridge.codestream import check_frame
 from bridge.decoding import DECODER_STEP
-from bridge.errors import PROCESS_EXITS, DecodeError
+from bridge.errors import PROCESS_EXITS, DecodeError, one_line
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 
@@ -302,7 +302,7 @@ def iter_decoded(
             except PROCESS_EXITS:
                 raise
             except BaseException as exc:  # decoders raise anything, pyo3 panics included
-                failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                failures.append(f"{name}: {one_line(exc)}")
                 continue
             # Keep the decoder that worked at the head of the chain for the following frames.
             chain.remove(name)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from bridge import metrics, zygote
-from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted
+from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted, one_line
 from bridge.limits import address_space_limited, memory_allowance, time_allowance
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOpti
 
         note_decoder_calls(2)
     except Exception as exc:  # a broken installation: every instance fails and says why
-        convert = _failing(f"the decoders cannot be loaded: {type(exc).__name__}: {exc}")
+        convert = _failing(f"the decoders cannot be loaded: {one_line(exc)}")
 
     inbox = Connection(inbox_fd, writable=False)
     outbox = Connection(outbox_fd, readable=False)
@@ -178,7 +178,7 @@ def _pickle_error(exc: BaseException) -> bytes:
     try:
         return pickle.dumps((False, exc))
     except Exception:  # an exception that cannot cross the pipe: keep its text
-        return pickle.dumps((False, DecodeError(f"{type(exc).__name__}: {exc}")))
+        return pickle.dumps((False, DecodeError(one_line(exc))))
 
 
 # --- in the bridge -----------------------------------------------------------------------------

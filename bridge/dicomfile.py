@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
+import pydicom.config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
@@ -16,6 +17,16 @@ from pydicom.uid import UID
 from bridge.codecs import find_sequence_end
 from bridge.errors import DecodeError, TooLarge
 from bridge.header import LONG_VRS
+from bridge.vr import resolve as resolve_vrs
+
+# An element the sender wrote with VR UN is kept as UN, byte for byte, as DCMTK does: pydicom
+# would otherwise re-encode it with the dictionary's VR, and when that element is an identifier
+# (PatientID...) Orthanc then files the copy under another ID. Set here, once for the process,
+# as every pydicom read of the bridge's imports this module first (the transcoder, so the
+# decoding processes and their parent; the Implicit VR path; Dask workers through those).
+# Never saved, set and restored around a call: transfer threads convert at once, and one
+# restoring it would change it under another still reading.
+pydicom.config.replace_un_with_known_vr = False
 
 PIXEL_DATA = 0x7FE00010
 _VALID_VRS = LONG_VRS | {
@@ -133,6 +144,10 @@ def parse(data: bytes, meta: FileMetaDataset, start: int, inflate_limit: int) ->
             pixel_value = buf[value_start:end]
     fp.seek(end)
     tail = read_dataset(fp, implicit, little)
+    if implicit:
+        # Before anything reads a value: pydicom would decide some VRs its own way on access.
+        resolve_vrs(dataset)
+        resolve_vrs(tail)
     verbatim = None
     if little and not implicit and not deflated and pixel_value is not None:
         verbatim = (buf[start:pos], buf[end:])

@@ -76,10 +76,13 @@ def one_line(exc: BaseException) -> str:
     Some libraries put a whole traceback into their messages (pydicom's `tag_in_exception`
     appends `traceback.format_exc()`): that part, and every line after the first, is dropped.
     """
-    text = str(exc)
-    cut = text.find("Traceback (most recent call last)")
-    if cut >= 0:
-        text = text[:cut]
+    text = without_traceback(str(exc))
     first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     name = type(exc).__name__
     return f"{name}: {first}" if first else name
+
+
+def without_traceback(text: str) -> str:
+    """`text` up to a traceback that a library wrote into it, if any."""
+    cut = text.find("Traceback (most recent call last)")
+    return text if cut < 0 else text[:cut]

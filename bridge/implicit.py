@@ -14,11 +14,14 @@ sequence, a truncated file) goes through pydicom instead.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 
 from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN
-from bridge.errors import DecodeError
+from bridge.errors import DecodeError, one_line
 from bridge.header import LONG_VRS
+
+log = logging.getLogger(__name__)
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xE000, 0xE00D, 0xE0DD
@@ -151,11 +154,7 @@ def _through_pydicom(data: bytes | bytearray) -> bytes:
     import pydicom
     from pydicom.uid import UID
 
-    # An element the sender wrote as UN stays UN, byte for byte (see bridge.transcode).
-    replace_un, pydicom.config.replace_un_with_known_vr = (
-        pydicom.config.replace_un_with_known_vr,
-        False,
-    )
+    # An element the sender wrote as UN stays UN: bridge.dicomfile, imported by now, says so.
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         dataset.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)
@@ -164,9 +163,6 @@ def _through_pydicom(data: bytes | bytearray) -> bytes:
             out, dataset, implicit_vr=True, little_endian=True, enforce_file_format=True
         )
     except Exception as exc:  # pydicom raises anything on data it cannot write
-        raise DecodeError(
-            f"cannot write it in Implicit VR Little Endian: {type(exc).__name__}: {exc}"
-        ) from exc
-    finally:
-        pydicom.config.replace_un_with_known_vr = replace_un
+        log.debug("pydicom cannot write it in Implicit VR Little Endian", exc_info=True)
+        raise DecodeError(f"cannot write it in Implicit VR Little Endian: {one_line(exc)}") from exc
     return out.getvalue()

@@ -7,6 +7,7 @@ size plus one frame.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Iterator
 
@@ -38,10 +39,19 @@ from bridge.dicomfile import (
     swap_to_little_endian,
     transfer_syntax_of,
 )
-from bridge.errors import PROCESS_EXITS, BridgeError, DecodeError, TooLarge, UnsupportedSyntax
+from bridge.errors import (
+    PROCESS_EXITS,
+    BridgeError,
+    DecodeError,
+    TooLarge,
+    UnsupportedSyntax,
+    one_line,
+)
 from bridge.header import image_size
 from bridge.limits import address_space_limit
 from bridge.lossy import lossy_method
+
+log = logging.getLogger(__name__)
 
 _NATIVE_SOURCES = {
     uid.ImplicitVRLittleEndian,
@@ -81,13 +91,6 @@ class _Context:
 def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:  # noqa: B008
     """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID."""
     context = _Context()
-    # An element the sender wrote with VR UN is kept as UN, byte for byte, as DCMTK does:
-    # pydicom would otherwise re-encode it with the dictionary's VR, and when that element
-    # is an identifier (PatientID...) Orthanc then files the copy under another ID.
-    replace_un, pydicom.config.replace_un_with_known_vr = (
-        pydicom.config.replace_un_with_known_vr,
-        False,
-    )
     try:
         return _transcode(bytes(data) if not isinstance(data, bytes) else data, options, context)
     except (DecodeError, UnsupportedSyntax, TooLarge) as exc:
@@ -101,9 +104,9 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
             context.describe(f"decoding needed more than {allowed} its process may use for it")
         ) from None
     except BaseException as exc:  # pydicom, numpy and the decoders raise anything on bad input
-        raise DecodeError(context.describe(f"{type(exc).__name__}: {exc}")) from exc
-    finally:
-        pydicom.config.replace_un_with_known_vr = replace_un
+        # One line for the reason: pydicom puts whole tracebacks into some of its messages.
+        log.debug("instance %s could not be converted", context.sop_instance_uid, exc_info=True)
+        raise DecodeError(context.describe(one_line(exc))) from exc
 
 
 def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Transcoded:
@@ -174,7 +177,9 @@ def pixel_spec(dataset: Dataset, max_decoded_bytes: int) -> PixelSpec:
         columns = int(dataset.Columns)
         bits_allocated = int(dataset.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as exc:
-        raise DecodeError(f"pixel data without usable Rows/Columns/BitsAllocated: {exc}") from exc
+        raise DecodeError(
+            f"pixel data without usable Rows/Columns/BitsAllocated: {one_line(exc)}"
+        ) from exc
     samples = int(dataset.get("SamplesPerPixel", 1) or 1)
     bits_stored = int(dataset.get("BitsStored", bits_allocated) or bits_allocated)
     frames_value = dataset.get("NumberOfFrames", 1)

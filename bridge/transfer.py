@@ -29,6 +29,7 @@ from bridge.errors import (
     PermanentError,
     UnsupportedSyntax,
     VerificationFailed,
+    without_traceback,
 )
 from bridge.feed import NewInstance
 from bridge.header import transfer_syntax
@@ -336,7 +337,8 @@ def outcome_fields(iid: str, outcome: str, syntax: str | None, started: float) -
 
 
 def _one_line(exc: Exception) -> str:
-    """The error message with every run of whitespace, newlines included, made one space."""
+    """The error message without any traceback, every run of whitespace made one space."""
     # Decoders' messages span several lines; the summary and `status` print one instance per
-    # line, its reason after the ID, so a multi-line reason would break them.
-    return " ".join(str(exc).split())
+    # line, its reason after the ID, so a multi-line reason would break them. A traceback some
+    # library put into the message (pydicom does) is no reason: the DEBUG log has it.
+    return " ".join(without_traceback(str(exc)).split())

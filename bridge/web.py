@@ -25,7 +25,7 @@ from prometheus_client.exposition import choose_encoder
 
 from bridge import __version__, metrics
 from bridge.config import Config, HttpConfig
-from bridge.errors import ConfigError
+from bridge.errors import ConfigError, one_line
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline
 from bridge.state import PENDING, PROBLEMS
@@ -243,8 +243,9 @@ def _handler(http: HttpConfig, pages: _Pages) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 status, content_type, body = route()
-            except Exception:
-                log.exception("HTTP %s failed", path)
+            except Exception as exc:
+                log.error("HTTP %s failed: %s", path, one_line(exc))
+                log.debug("HTTP %s failed", path, exc_info=True)
                 self._send(500, "text/plain; charset=utf-8", b"internal error, see the log\n")
                 return
             self._send(status, content_type, body)

@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from bridge.errors import one_line
+
 if TYPE_CHECKING:
     import subprocess
 
@@ -180,10 +182,9 @@ def _exit_after(body: Callable[..., None], *args: Any) -> None:
     code = 0
     try:
         body(*args)
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
+    except BaseException as exc:
+        # Its stderr is the bridge's: one line there, as every error the bridge reports.
+        print(f"orthanc-bridge: process {os.getpid()} failed: {one_line(exc)}", file=sys.stderr)
         code = 1
     finally:
         sys.stdout.flush()

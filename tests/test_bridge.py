@@ -10,11 +10,19 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from bridge.state import State
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, pydicom_test_files
 from tests.polling import wait_for
-from tests.transcode_support import reference_pixels
+from tests.transcode_support import (
+    dump_without_meta,
+    reference_pixels,
+    run,
+    with_broken_signature,
+    with_curves_and_overlay,
+    with_every_ambiguous_vr,
+)
 
 # One file per transfer syntax, chosen so that no two share an Orthanc ID (several of pydicom's
 # files are the same instance in different syntaxes). name -> lossless?
@@ -84,6 +92,29 @@ def test_catch_up_converts_every_syntax_keeps_uids_and_pixels(
     # Orthanc keeps appending Stable* rows (StableAge); the cursor follows them, never less.
     assert report["cursor"] >= cursor
     assert report["counts"] == {"converted": len(SAMPLES)}
+
+
+def test_implicit_vr_with_curves_overlays_and_open_vrs_arrives_as_dcmconv_writes_it(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    """Retired curve data and every "OB or OW"/"US or SS" element: converted, as DCMTK would."""
+    sources = {}
+    for name, data in (("curves", with_curves_and_overlay()), ("every", with_every_ambiguous_vr())):
+        path = tmp_path / f"{name}.dcm"
+        path.write_bytes(data)
+        sources[str(source.upload(path)["ID"])] = path
+    config = bridgectl.write_config(tmp_path, source, target)
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"{len(sources)} converted in" in result.stdout
+    for iid, path in sources.items():
+        assert target.transfer_syntax(iid) == EXPLICIT_VR_LITTLE_ENDIAN, path.name
+        ours = tmp_path / f"{path.stem}-bridge.dcm"
+        ours.write_bytes(target.file(iid))
+        theirs = tmp_path / f"{path.stem}-dcmconv.dcm"
+        run("dcmconv", "+te", str(path), str(theirs))
+        assert dump_without_meta(ours) == dump_without_meta(theirs), path.name
 
 
 def test_converted_instances_reach_an_uncompressed_only_workstation(
@@ -158,6 +189,38 @@ def test_delete_mode_deletes_only_verified_originals(
     assert sorted(target.instances()) == sorted(good)
     status = bridgectl.run("status", config, source, target)
     assert bad_id in status.stdout and "failed" in status.stdout
+
+
+def test_an_unexpected_failure_is_one_line_in_ledger_status_and_log(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    """pydicom's message carries a traceback; the bridge records its type and first line."""
+    path = tmp_path / "broken.dcm"
+    path.write_bytes(with_broken_signature())
+    iid = str(source.upload(path)["ID"])
+    config = bridgectl.write_config(tmp_path, source, target, log_format="json")
+
+    result = bridgectl.run("catch-up", config, source, target)
+    assert result.returncode == 1, result.stdout + result.stderr
+    state = State(config.parent / "state", read_only=True)
+    try:
+        entry = state.get(iid)
+    finally:
+        state.close()
+    assert entry is not None and entry.error is not None
+    reason = entry.error
+    assert reason.startswith("BytesLengthException: With tag (FFFA,FFFA)"), reason
+    assert "(0018,9087)" in reason and "[SOP Instance UID" in reason, reason
+    status = bridgectl.run("status", config, source, target)
+    as_json = bridgectl.run("status", config, source, target, "--json")
+    problems = json.loads(as_json.stdout)["problems"]
+    assert [p["reason"] for p in problems] == [reason]
+    assert f"failed {iid} (1.2.840.10008.1.2): {reason}" in status.stdout
+    for output in (result.stdout, result.stderr, status.stdout, as_json.stdout):
+        assert "Traceback" not in output and 'File "' not in output
+    logged = [json.loads(line) for line in result.stderr.splitlines() if iid in line]
+    assert any(reason in line["message"] for line in logged), result.stderr
+    assert "\n" not in reason
 
 
 def truncated_j2k() -> bytes:

@@ -10,6 +10,7 @@ import pytest
 import bridge.implicit as implicit
 from bridge.transcode import transcode
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, pydicom_sample_paths, pydicom_test_files
+from tests.transcode_support import with_curves_and_overlay
 
 IMPLICIT = "1.2.840.10008.1.2"
 
@@ -26,6 +27,8 @@ def explicit_files() -> dict[str, bytes]:
             found[path.name] = path.read_bytes()
     for key, path in pydicom_sample_paths().items():
         found[f"converted {key}"] = bytes(transcode(path.read_bytes()).data)
+    # Elements whose VR Implicit VR left open, decided by the transcoder (bridge.vr).
+    found["converted curves"] = bytes(transcode(with_curves_and_overlay()).data)
     return found
 
 

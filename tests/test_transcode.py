@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
+import threading
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -28,6 +31,7 @@ from bridge.transcode import transcode
 from tests.transcode_support import (
     assert_same_elements,
     bundled,
+    dump_without_meta,
     encapsulated_uncompressed,
     native_array,
     read,
@@ -35,6 +39,8 @@ from tests.transcode_support import (
     relabel,
     run,
     to_bytes,
+    with_curves_and_overlay,
+    with_every_ambiguous_vr,
 )
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
@@ -208,6 +214,11 @@ def _pixels(ds: pydicom.Dataset) -> np.ndarray:
     return arr
 
 
+def _uid_text(ds: Dataset, keyword: str) -> str:
+    value = ds[keyword].value
+    return (value.decode() if isinstance(value, bytes) else str(value)).rstrip("\0 ")
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_converts_like_reference(case: Case, workdir: Path) -> None:
     """Pixels match DCMTK/GDCM, elements are unchanged, the file is valid native EVRLE."""
@@ -221,10 +232,12 @@ def test_converts_like_reference(case: Case, workdir: Path) -> None:
 
     assert not result.forwarded
     assert result.source_syntax == source.file_meta.TransferSyntaxUID
-    assert result.sop_instance_uid == source.SOPInstanceUID
+    # As read here: an element its sender wrote as UN stays raw bytes (bridge.dicomfile).
+    sop_instance, sop_class = (_uid_text(source, k) for k in ("SOPInstanceUID", "SOPClassUID"))
+    assert result.sop_instance_uid == sop_instance
     assert output.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
-    assert output.file_meta.MediaStorageSOPInstanceUID == source.SOPInstanceUID
-    assert output.file_meta.MediaStorageSOPClassUID == source.SOPClassUID
+    assert output.file_meta.MediaStorageSOPInstanceUID == sop_instance
+    assert output.file_meta.MediaStorageSOPClassUID == sop_class
     assert_same_elements(
         source, output, big_endian=source.file_meta.TransferSyntaxUID == uid.ExplicitVRBigEndian
     )
@@ -609,3 +622,95 @@ def test_meta_is_consistent_with_dataset() -> None:
     assert output.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
     assert output.file_meta.ImplementationClassUID == pydicom.uid.PYDICOM_IMPLEMENTATION_UID
     assert BytesIO(transcode(to_bytes(ds)).data).read(132)[128:] == b"DICM"
+
+
+@pytest.mark.parametrize(
+    "build", [with_curves_and_overlay, with_every_ambiguous_vr], ids=["curves", "every"]
+)
+def test_ambiguous_vrs_are_written_as_dcmtk_writes_them(
+    build: Callable[[], bytes], tmp_path: Path
+) -> None:
+    """Implicit VR leaves "OB or OW", "US or SS"... open: each is decided as dcmconv +te does."""
+    source = tmp_path / "source.dcm"
+    source.write_bytes(build())
+    ours = tmp_path / "ours.dcm"
+    ours.write_bytes(transcode(source.read_bytes()).data)
+    theirs = tmp_path / "dcmconv.dcm"
+    run("dcmconv", "+te", str(source), str(theirs))
+    # dcmdump prints each element's VR and its values read by that VR: all must be the same.
+    assert dump_without_meta(ours) == dump_without_meta(theirs)
+
+
+def _big_endian_with_un_patient_id() -> bytes:
+    """A big-endian file whose PatientID its sender wrote with VR UN."""
+    ds = pydicom.dcmread(bundled("MR_small_bigendian.dcm"))
+    ds.PatientID = "UN-ID"
+    fp = BytesIO()
+    ds.save_as(fp, implicit_vr=False, little_endian=False, enforce_file_format=True)
+    lo = struct.pack(">HH", 0x0010, 0x0020) + b"LO" + struct.pack(">H", 6)
+    assert fp.getvalue().count(lo) == 1
+    return fp.getvalue().replace(lo, lo[:4] + b"UN\0\0" + struct.pack(">I", 6))
+
+
+def test_un_elements_stay_un_when_threads_convert_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydicom's replace_un_with_known_vr is one global: a thread that ends must not change
+    it under one still converting (as a save, set and restore around each call did)."""
+    data = _big_endian_with_un_patient_id()
+    un_patient_id = struct.pack("<HH", 0x0010, 0x0020) + b"UN"
+    first_paused, second_paused, first_done = (threading.Event() for _ in range(3))
+
+    def pause(raw: Any, **_: Any) -> Any:
+        # Called as pydicom reads each element: holds each thread at its first one, so that
+        # the first ends while the second has begun and not yet read its PatientID.
+        if threading.current_thread().name == "first" and not first_paused.is_set():
+            first_paused.set()
+            second_paused.wait(10)
+        elif threading.current_thread().name == "second" and not second_paused.is_set():
+            second_paused.set()
+            first_done.wait(10)
+        return raw
+
+    kept: dict[str, bool] = {}
+
+    def convert() -> None:
+        name = threading.current_thread().name
+        kept[name] = un_patient_id in bytes(transcode(data).data)
+        if name == "first":
+            first_done.set()
+
+    monkeypatch.setattr(pydicom.config, "data_element_callback", pause)
+    first = threading.Thread(target=convert, name="first")
+    first.start()
+    assert first_paused.wait(10)
+    second = threading.Thread(target=convert, name="second")
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert kept == {"first": True, "second": True}
+
+
+def test_pydicoms_un_setting_is_set_once_where_the_bridge_reads_with_pydicom() -> None:
+    """Set in bridge.dicomfile only; set in every process after the bridge's first read."""
+    root = Path(__file__).resolve().parent.parent / "bridge"
+    setters = sorted(
+        path.name
+        for path in root.glob("*.py")
+        for line in path.read_text().splitlines()
+        if re.search(r"replace_un_with_known_vr\s*=[^=]|replace_un_with_known_vr,", line)
+    )
+    assert setters == ["dicomfile.py"]
+    explicit = str(bundled("CT_small.dcm"))
+    script = (
+        "import sys, pydicom\n"
+        "import bridge.preload\n"  # what the decoding processes' parent imports
+        "assert pydicom.config.replace_un_with_known_vr is False\n"
+        "pydicom.config.replace_un_with_known_vr = True\n"
+        "import bridge.implicit\n"
+        "del sys.modules['bridge.dicomfile']\n"  # as in a process that has not imported it
+        "bridge.implicit.to_implicit(open(sys.argv[1], 'rb').read())\n"
+        "assert pydicom.config.replace_un_with_known_vr is False\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, explicit], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from collections.abc import Sequence
 from io import BytesIO
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom._dicom_dict import DicomDictionary
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -181,3 +183,125 @@ def j2k_multiframe(frames: int, size: int = 512) -> bytes:
         PatientID="MULTIFRAME",
         NumberOfFrames=frames,
     )
+
+
+def _fresh_uids(ds: Dataset) -> None:
+    """New instance, series and study UIDs: the result is an instance of its own."""
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+
+
+def _implicit(ds: Dataset) -> bytes:
+    fp = BytesIO()
+    ds.save_as(fp, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    return fp.getvalue()
+
+
+def with_curves_and_overlay() -> bytes:
+    """A real Implicit VR Little Endian MR image carrying two retired curves and an overlay.
+
+    Curve Data (50xx,3000) and Overlay Data (60xx,3000) are "OB or OW" in the dictionary, which
+    Implicit VR leaves undecided. The curves are shaped like a modality's: a time-activity
+    curve of 32 unsigned (time, counts) points and a 3-point signed physiological trace.
+    """
+    ds = pydicom.dcmread(bundled("MR_small_implicit.dcm"))
+    _fresh_uids(ds)
+    points = 32
+    times = np.arange(points, dtype="<u2") * 40
+    counts = (1000 + 500 * np.sin(np.arange(points) / 4)).astype("<u2")
+    # Written with their resolved VRs; Implicit VR drops them, which is the point.
+    ds.add_new(0x50000005, "US", 2)  # CurveDimensions
+    ds.add_new(0x50000010, "US", points)  # NumberOfPoints
+    ds.add_new(0x50000020, "CS", "TAC")  # TypeOfData
+    ds.add_new(0x50000022, "LO", "ROI 1 time activity")  # CurveDescription
+    ds.add_new(0x50000030, "SH", ["MSEC", "COUNTS"])  # AxisUnits
+    ds.add_new(0x50000103, "US", 0)  # DataValueRepresentation: unsigned short
+    ds.add_new(0x50003000, "OB", np.stack([times, counts], 1).tobytes())  # CurveData
+    ds.add_new(0x50020005, "US", 1)
+    ds.add_new(0x50020010, "US", 3)
+    ds.add_new(0x50020020, "CS", "PHYSIO")
+    ds.add_new(0x50020103, "US", 1)  # signed short
+    ds.add_new(0x50023000, "OB", np.array([-5, 0, 7], "<i2").tobytes())
+    overlay = np.zeros((int(ds.Rows), int(ds.Columns)), np.uint8)
+    overlay[10:20, 5:60] = 1
+    ds.add_new(0x60000010, "US", int(ds.Rows))  # OverlayRows
+    ds.add_new(0x60000011, "US", int(ds.Columns))  # OverlayColumns
+    ds.add_new(0x60000040, "CS", "G")  # OverlayType
+    ds.add_new(0x60000050, "SS", [1, 1])  # OverlayOrigin
+    ds.add_new(0x60000100, "US", 1)  # OverlayBitsAllocated
+    ds.add_new(0x60000102, "US", 0)  # OverlayBitPosition
+    ds.add_new(0x60003000, "OW", np.packbits(overlay.ravel(), bitorder="little").tobytes())
+    return _implicit(ds)
+
+
+# Tags whose dictionary VR is ambiguous ("US or SS", "OB or OW", "US or OW", "US or SS or OW"),
+# Pixel Data aside, plus repeating groups other than the first.
+AMBIGUOUS_TAGS = sorted(
+    {tag for tag, entry in DicomDictionary.items() if " or " in entry[0]} - {0x7FE00010}
+    | {0x5000200C, 0x50023000, 0x60023000, 0x7F000010, 0x7F020010}
+)
+_DESCRIPTORS = {0x00281100, 0x00281101, 0x00281102, 0x00281103, 0x00283002}
+_LARGE_DESCRIPTORS = {0x00281111, 0x00281112, 0x00281113}
+
+
+def _ambiguous_value(tag: int) -> bytes:
+    # 0xFFFF and 0x8000 read differently as US and SS: a wrong VR shows in the values.
+    if tag in _DESCRIPTORS:
+        return struct.pack("<3H", 0xFFFF, 0x8000, 16)
+    if tag in _LARGE_DESCRIPTORS:
+        return struct.pack("<4H", 0xFFFF, 0x8000, 16, 0)
+    return struct.pack("<2H", 0xFFFF, 2)
+
+
+def with_every_ambiguous_vr() -> bytes:
+    """An Implicit VR image holding every element whose VR the dictionary leaves open.
+
+    They sit at the top level (PixelRepresentation 1) and in items with PixelRepresentation
+    0 or 1 and WaveformBitsAllocated 8 or 16, or with neither: what decides each VR.
+    """
+    ds = pydicom.dcmread(bundled("MR_small_implicit.dcm"))
+    _fresh_uids(ds)
+    for tag in AMBIGUOUS_TAGS:
+        ds.add_new(tag, "OB", _ambiguous_value(tag))
+    items = []
+    for representation, waveform_bits in ((0, 8), (1, 16), (None, None)):
+        item = Dataset()
+        if representation is not None:
+            item.add_new(0x00280103, "US", representation)  # PixelRepresentation
+        if waveform_bits is not None:
+            item.add_new(0x54001004, "US", waveform_bits)  # WaveformBitsAllocated
+        for tag in AMBIGUOUS_TAGS:
+            item.add_new(tag, "OB", _ambiguous_value(tag))
+        items.append(item)
+    lut = Dataset()
+    lut.add_new(0x00283002, "OB", struct.pack("<3H", 1, 0, 16))  # a LUT of one entry
+    lut.add_new(0x00283006, "OB", struct.pack("<H", 7))
+    items.append(lut)
+    ds.add_new(0x00283010, "SQ", pydicom.sequence.Sequence(items))  # VOILUTSequence
+    # Private elements pydicom's private dictionaries know with an open VR.
+    ds.add_new(0x00270010, "LO", "FDMS 1.0")
+    ds.add_new(0x002710A3, "OB", struct.pack("<2H", 0xFFFF, 2))  # "US or SS"
+    ds.add_new(0x70190010, "LO", "TOSHIBA_MEC_OT3")
+    ds.add_new(0x70191080, "OB", struct.pack("<2H", 0xFFFF, 2))  # "OB_OW"
+    return _implicit(ds)
+
+
+def dump_without_meta(path: Path) -> list[str]:
+    """dcmdump's lines for the dataset of `path`, without its file meta information."""
+    lines = run("dcmdump", "-q", "+L", str(path)).stdout.splitlines()
+    return lines[lines.index("# Dicom-Data-Set") :]
+
+
+def with_broken_signature() -> bytes:
+    """An Implicit VR image whose Digital Signatures Sequence, after the pixel data, holds an
+    FD element of 6 bytes: pydicom fails on it while writing, and its message carries a whole
+    traceback (pydicom.tag.tag_in_exception)."""
+    ds = pydicom.dcmread(bundled("MR_small_implicit.dcm"))
+    _fresh_uids(ds)
+    item = Dataset()
+    item.add_new(0x04000005, "US", 1)  # MACIDNumber
+    item.add_new(0x00189087, "OB", b"\1" * 6)  # DiffusionBValue, FD: 6 bytes, not 8
+    item.add_new(0x04000120, "OB", b"\0" * 8)  # Signature
+    ds.add_new(0xFFFAFFFA, "SQ", pydicom.sequence.Sequence([item]))  # DigitalSignaturesSequence
+    return _implicit(ds)
