@@ -22,6 +22,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from bridge.codestream import check_frame
 from bridge.decoding import DECODER_STEP
 from bridge.errors import PROCESS_EXITS, DecodeError
+from bridge.verdicts import FRAGILE, invalid_data
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 
@@ -291,7 +292,12 @@ def iter_decoded(
             # boxes of a JP2 file around it (pydicom loops for ever on a box of length 0).
             encoded = encoded[start:end]
         failures: list[str] = []
+        found_invalid = ""  # the decoder that found the data invalid, if one did
         for name in list(chain):
+            if found_invalid and name in FRAGILE:
+                # GDCM crashes or hangs on data another decoder found invalid (bridge.verdicts).
+                failures.append(f"{name}: not tried, {found_invalid} found the data invalid")
+                continue
             if _noted_fd is not None:
                 os.write(_noted_fd, f"{DECODER_STEP} {name} on frame {index}\n".encode())
             try:
@@ -303,6 +309,8 @@ def iter_decoded(
                 raise
             except BaseException as exc:  # decoders raise anything, pyo3 panics included
                 failures.append(f"{name}: {type(exc).__name__}: {exc}")
+                if invalid_data(name, exc):
+                    found_invalid = found_invalid or name
                 continue
             # Keep the decoder that worked at the head of the chain for the following frames.
             chain.remove(name)
