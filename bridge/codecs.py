@@ -22,6 +22,7 @@ from pydicom.pixels.decoders.base import get_decoder
 from bridge.codestream import check_frame
 from bridge.decoding import DECODER_STEP
 from bridge.errors import PROCESS_EXITS, DecodeError, one_line
+from bridge.verdicts import invalid_data
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 
@@ -303,6 +304,14 @@ def iter_decoded(
                 raise
             except BaseException as exc:  # decoders raise anything, pyo3 panics included
                 failures.append(f"{name}: {one_line(exc)}")
+                if invalid_data(name, exc):
+                    # No other decoder is given a frame found invalid (bridge.verdicts): GDCM
+                    # crashes or loops on such data, and libjpeg decodes a JPEG-LS scan that
+                    # CharLS rejects to wrong pixels, which would replace the original.
+                    raise DecodeError(
+                        f"frame {index} is invalid, no other decoder was tried "
+                        f"({'; '.join(failures)})"
+                    ) from None
                 continue
             # Keep the decoder that worked at the head of the chain for the following frames.
             chain.remove(name)

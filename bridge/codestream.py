@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from bridge.errors import DecodeError
+from bridge.jpegls_presets import Presets, check_presets
 
 _JPEG = {
     "1.2.840.10008.1.2.4.50",  # Baseline
@@ -140,6 +141,7 @@ class _JpegWalk:
         self.sof: tuple[int, int, int, int] | None = None  # precision, rows, columns, components
         self.lse_size: tuple[int, int] | None = None  # rows, columns from an LSE oversize segment
         self.dnl_rows: int | None = None
+        self.presets: tuple[Presets, int] | None = None  # the LSE id 1 in force, its offset
 
     def run(self) -> Declared:
         frame = self.frame
@@ -203,6 +205,15 @@ class _JpegWalk:
             rows = int.from_bytes(segment[2 : 2 + width], "big")
             columns = int.from_bytes(segment[2 + width : 2 + 2 * width], "big")
             self.lse_size = (rows, columns)
+        elif marker == _LSE and self.ls and segment[:1] == b"\x01":
+            self.presets = (Presets.parse(segment, pos), pos)
+        elif marker == _SOS and self.ls and self.presets and self.sof:
+            # The bounds depend on the scan's NEAR, after its Ns component selectors.
+            near_at = 1 + 2 * segment[0] if segment else 0
+            if len(segment) <= near_at:
+                raise DecodeError(f"the JPEG-LS scan header at byte {pos} is too short")
+            presets, at = self.presets
+            check_presets(presets, self.sof[0], segment[near_at], at)
         elif marker == _DNL and len(segment) >= 2:
             (self.dnl_rows,) = struct.unpack_from(">H", segment)
 

@@ -127,7 +127,7 @@ class Config:
     recheck_changes: int = 0
     max_decoded_mb: int = 2048
     max_inflight_mb: int = 1024
-    decode_timeout: float = 120.0
+    decode_timeout: float = 80.0
     forward_unchanged: frozenset[str] = frozenset()
     on_source_reset: str = "stop"
     catch_up_retry_seconds: float = 300.0

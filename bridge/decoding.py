@@ -57,7 +57,7 @@ class TranscodeOptions:
 
     max_decoded_bytes: int = 2 * 1024**3  # refuse bigger instances before allocating
     forward_unchanged: frozenset[str] = frozenset()  # undecodable syntaxes to pass through as-is
-    decode_timeout: float = 120.0  # seconds a decoding process may spend per 100 MiB decoded
+    decode_timeout: float = 80.0  # seconds per 100 MiB of work (bridge.limits.time_allowance)
 
 
 @dataclass(frozen=True)

@@ -74,12 +74,12 @@ def one_line(exc: BaseException) -> str:
     """`exc` as one line for a reason, a log line or `status`: its type and message, no traceback.
 
     Some libraries put a whole traceback into their messages (pydicom's `tag_in_exception`
-    appends `traceback.format_exc()`): that part, and every line after the first, is dropped.
+    appends `traceback.format_exc()`): that part is dropped. The lines of the message before it
+    are joined (pydicom gives each decoder's own words on a line of their own).
     """
-    text = without_traceback(str(exc))
-    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    text = " ".join(without_traceback(str(exc)).split())
     name = type(exc).__name__
-    return f"{name}: {first}" if first else name
+    return f"{name}: {text}" if text else name
 
 
 def without_traceback(text: str) -> str:

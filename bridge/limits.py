@@ -27,9 +27,15 @@ HEADROOM = 256 * MIB
 # One frame's working copies: OpenJPEG holds 32 bits per sample (4 times an 8-bit frame),
 # then the decoded frame and a copy of it.
 FRAME_COPIES = 6
-# Seconds a decoding process may spend on an instance are `decode_timeout` per this many bytes
-# of decoded pixels (at least once): JPEG 2000, the slowest, decodes 20-25 MB/s per core.
+# Seconds a decoding process may spend on an instance: `decode_timeout` per TIMEOUT_UNIT of
+# work, the declared decoded size plus the file's size (entropy decoding goes through every
+# compressed byte, and the output is written once), but never less than for TIME_FLOOR_WORK, so
+# that a small file's allowance is a few seconds, not minutes. Calibrated with
+# benchmarks/decode_rates.py: the slowest legitimate decode was JPEG 2000 lossless of 8-bit RGB
+# noise, 7.6 MiB of work per second of one core (README, "Decoding time"); the default of 80 s
+# per 100 MiB is six times its 13 s.
 TIMEOUT_UNIT = 100 * MIB
+TIME_FLOOR_WORK = 8 * MIB
 
 
 def memory_allowance(data: bytes | bytearray, max_decoded_bytes: int) -> int:
@@ -45,10 +51,12 @@ def memory_allowance(data: bytes | bytearray, max_decoded_bytes: int) -> int:
 
 
 def time_allowance(data: bytes | bytearray, decode_timeout: float, max_decoded_bytes: int) -> float:
-    """Seconds a decoding process may spend on an instance: `decode_timeout` per 100 MiB."""
+    """Seconds a decoding process may spend on an instance: `decode_timeout` per 100 MiB of
+    declared decoded pixels plus file, counted as at least 8 MiB."""
     size = image_size(data)
-    work = max(len(data), min(size.total_bytes, max_decoded_bytes) if size else 0)
-    return decode_timeout * max(1.0, work / TIMEOUT_UNIT)
+    decoded = min(size.total_bytes, max_decoded_bytes) if size else 0
+    work = max(TIME_FLOOR_WORK, decoded + len(data))
+    return decode_timeout * work / TIMEOUT_UNIT
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

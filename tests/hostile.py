@@ -125,9 +125,11 @@ JPEG_MULTIFRAME_SOURCE = "examples_ybr_color.dcm"  # 30 frames of 240 x 320 YBR_
 
 # JPEG marker codes (the byte after 0xFF) and offsets into a segment that starts at its 0xFF.
 _APP0, _APP14, _DQT = 0xE0, 0xEE, 0xDB
-_SOF0, _SOF1, _SOF3, _SOF55 = 0xC0, 0xC1, 0xC3, 0xF7
+_SOF0, _SOF1, _SOF3, _SOF55, _LSE = 0xC0, 0xC1, 0xC3, 0xF7, 0xF8
 _SOS = 0xDA
 _LENGTH, _PRECISION, _HEIGHT, _WIDTH = 2, 4, 5, 7
+# JPEG-LS preset parameters (LSE id 1): MAXVAL, T1, T2, T3, RESET after the id byte.
+_MAXVAL, _RESET = 5, 13
 # JPEG 2000 SIZ fields as offsets from the start of the codestream (SOC, then SIZ).
 _RSIZ, _XSIZ, _YSIZ, _CSIZ, _SSIZ = 6, 8, 12, 40, 42
 _SIZ_LARGER = 20000  # 20000 x 20000: 1.6 GB as OpenJPEG's 32-bit samples, 0.8 GB as output
@@ -338,6 +340,19 @@ def jpeg_ls_width_0() -> bytes:
     return _patched_jpeg(JPEG_LS_SOURCE, _SOF55, _WIDTH, b"\0\0")
 
 
+def jpeg_ls_preset_maxval_3() -> bytes:
+    """JPEG-LS whose preset parameters say MAXVAL 3 (under T1 18) and RESET 32768, not 65535 and
+    64: GDCM's decoder loops for ever, CharLS refuses it (the fuzzer's input 34115)."""
+    ds = _load(JPEG_LS_SOURCE)
+    frame = bytearray(_first_frame(ds))
+    start = _jpeg_segment(frame, _LSE)
+    if frame[start + 4] != 1:
+        raise ValueError(f"{JPEG_LS_SOURCE}: its LSE segment is not preset parameters")
+    struct.pack_into(">H", frame, start + _MAXVAL, 3)
+    struct.pack_into(">H", frame, start + _RESET, 32768)
+    return _with_frame(ds, frame)
+
+
 def jpeg_baseline_height_0() -> bytes:
     """JPEG baseline whose SOF0 says 0 lines (a DNL marker's job): pylibjpeg allocates unbounded."""
     return _patched_jpeg(JPEG_BASELINE_SOURCE, _SOF0, _HEIGHT, b"\0\0")
@@ -469,6 +484,7 @@ HOSTILE_FILES: dict[str, Callable[[], bytes]] = {
         jpeg_lossless_sof_precision_0,
         jpeg_ls_sof_precision_17,
         jpeg_ls_width_0,
+        jpeg_ls_preset_maxval_3,
         jpeg_baseline_height_0,
         jpeg_extended_height_0,
         jpeg_ls_height_0,

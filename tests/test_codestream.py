@@ -57,6 +57,7 @@ def _header(**values: object) -> Change:
 
 
 SOF1, SOF55, APP0, DQT = b"\xff\xc1", b"\xff\xf7", b"\xff\xe0", b"\xff\xdb"
+LSE = b"\xff\xf8\x00\x0d\x01"  # JPEG-LS preset parameters: MAXVAL, T1, T2, T3, RESET follow
 SIZ, COD = b"\xff\x51", b"\xff\x52"
 J2K, J2KI, JPEG12, JPEG8, JLS, RLE = (
     "MR_small_jp2klossless.dcm",
@@ -95,6 +96,29 @@ REFUSED: dict[str, tuple[str, Change, str]] = {
     "jpeg-header-columns-larger": (JPEG12, _header(Columns=300), "256 columns"),
     "jpeg-ls-width-0": (JLS, _put(SOF55, 7, ">H", 0), "0 columns, the DICOM header Columns 64"),
     "jpeg-ls-rows-larger": (JLS, _put(SOF55, 5, ">H", 4000), "4000 rows"),
+    # The fuzzer's input 34115 (MAXVAL 3, RESET 32768): GDCM's decoder loops for ever on it.
+    "jpeg-ls-preset-maxval-below-t1": (
+        JLS,
+        _put(LSE, 5, ">H", 3),
+        "declares T1 18, outside 1..3 (precision 16 bits, MAXVAL 3, NEAR 0)",
+    ),
+    "jpeg-ls-preset-maxval-above-precision": (
+        JLS,
+        _put(SOF55, 4, ">B", 12),
+        "declares MAXVAL 65535, outside 1..4095",
+    ),
+    "jpeg-ls-preset-t2-below-t1": (
+        JLS,
+        _put(LSE, 7, ">HH", 67, 18),
+        "declares T2 18, outside 67..",
+    ),
+    "jpeg-ls-preset-t3-above-maxval": (
+        JLS,
+        _put(LSE, 5, ">HHHH", 300, 0, 0, 301),
+        "declares T3 301, outside 7..300",
+    ),
+    "jpeg-ls-preset-reset-2": (JLS, _put(LSE, 13, ">H", 2), "declares RESET 2, outside 3..65535"),
+    "jpeg-ls-preset-length": (JLS, _put(LSE, 2, ">H", 0x0B), "preset parameters segment"),
     "rle-segment-count": (RLE, _put(b"\x02\x00\x00\x00", 0, "<I", 3), "3 segments"),
 }
 
