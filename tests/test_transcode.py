@@ -39,6 +39,7 @@ from tests.transcode_support import (
     relabel,
     run,
     to_bytes,
+    uid_text,
     with_curves_and_overlay,
     with_every_ambiguous_vr,
 )
@@ -214,11 +215,6 @@ def _pixels(ds: pydicom.Dataset) -> np.ndarray:
     return arr
 
 
-def _uid_text(ds: Dataset, keyword: str) -> str:
-    value = ds[keyword].value
-    return (value.decode() if isinstance(value, bytes) else str(value)).rstrip("\0 ")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_converts_like_reference(case: Case, workdir: Path) -> None:
     """Pixels match DCMTK/GDCM, elements are unchanged, the file is valid native EVRLE."""
@@ -233,7 +229,7 @@ def test_converts_like_reference(case: Case, workdir: Path) -> None:
     assert not result.forwarded
     assert result.source_syntax == source.file_meta.TransferSyntaxUID
     # As read here: an element its sender wrote as UN stays raw bytes (bridge.dicomfile).
-    sop_instance, sop_class = (_uid_text(source, k) for k in ("SOPInstanceUID", "SOPClassUID"))
+    sop_instance, sop_class = (uid_text(source, k) for k in ("SOPInstanceUID", "SOPClassUID"))
     assert result.sop_instance_uid == sop_instance
     assert output.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
     assert output.file_meta.MediaStorageSOPInstanceUID == sop_instance

@@ -305,3 +305,10 @@ def with_broken_signature() -> bytes:
     item.add_new(0x04000120, "OB", b"\0" * 8)  # Signature
     ds.add_new(0xFFFAFFFA, "SQ", pydicom.sequence.Sequence([item]))  # DigitalSignaturesSequence
     return _implicit(ds)
+
+
+def uid_text(ds: Dataset, keyword: str) -> str:
+    """A UID as text, also when the file wrote it with VR UN: pydicom then keeps its raw bytes
+    (the bridge sets replace_un_with_known_vr off, in every process that imports it)."""
+    value = ds[keyword].value
+    return (value.decode() if isinstance(value, bytes) else str(value)).rstrip("\0 ")
