@@ -108,10 +108,11 @@ def test_hostile_files_among_good_ones_cost_only_themselves(
 
 def test_a_jpeg_ls_frame_gdcm_loops_on_is_refused_at_once(pool: DecoderPool) -> None:
     # Issue 19: CharLS refused it, GDCM then looped until the 120 s allowance ran out.
-    started = time.monotonic()
+    # Refused by the codestream check, before any decoder: not a time allowance run out.
     with pytest.raises(DecodeError, match=r"declares T1 18, outside 1\.\.3") as info:
         pool.decode(hostile.jpeg_ls_preset_maxval_3())
-    assert time.monotonic() - started < 2, str(info.value)
+    assert "longer than" not in str(info.value)
+    assert pool.alive() == 2 and pool.restarts == 0
 
 
 def test_a_jpeg_ls_frame_gdcm_loops_on_is_kept_among_good_ones_in_seconds(
@@ -127,6 +128,7 @@ def test_a_jpeg_ls_frame_gdcm_loops_on_is_kept_among_good_ones_in_seconds(
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     # The whole run, the bridge's start-up included: 120 s and a lost process before issue 19.
+    print(f"catch-up with the hostile file among good ones: {seconds:.1f} s")
     assert seconds < 10, f"catch-up took {seconds:.1f} s"
     assert "decoding process" not in output and "Traceback" not in output, output
     (line,) = [line for line in result.stdout.splitlines() if bad in line]
