@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bridge.errors import StateError
 
@@ -147,6 +148,13 @@ class Entry:
     deliveries: tuple[Delivery, ...] = ()  # per target; recorded with the entry
     # Every target that takes it verifiably holds its copy (not written to the ledger).
     deletable: bool = False
+
+
+class Pruned(NamedTuple):
+    """What one batch of retention did."""
+
+    rows: int
+    seconds: float  # the write lock held, about
 
 
 class LedgerReads:
@@ -446,11 +454,12 @@ class State(LedgerReads):
 
     # --- retention ------------------------------------------------------------------------
 
-    def prune(self, before: float, limit: int) -> int:
+    def prune(self, before: float, limit: int) -> Pruned:
         """Delete up to `limit` finished rows (and their deliveries) last updated before
-        `before`, in one short transaction; return how many. The totals keep counting them."""
+        `before`, in one short transaction. The totals keep counting them."""
         marks = ",".join("?" * len(PRUNABLE))
         with self._transaction() as db:
+            began = time.monotonic()  # the lock is held from here (and BEGIN just before)
             ids = db.execute(
                 f"SELECT instance_id FROM instances WHERE state IN ({marks}) AND updated < ? "
                 "LIMIT ?",
@@ -458,7 +467,7 @@ class State(LedgerReads):
             ).fetchall()
             db.executemany("DELETE FROM deliveries WHERE instance_id = ?", ids)
             db.executemany("DELETE FROM instances WHERE instance_id = ?", ids)
-        return len(ids)
+        return Pruned(len(ids), time.monotonic() - began)  # COMMIT included
 
     def give_back(self, pages: int) -> int:
         """Return up to `pages` free pages to the file system, if the ledger was created with

@@ -50,11 +50,14 @@ def fill(
     rows: int,
     targets: Sequence[str] = ("target",),
     updated: float = 0.0,
+    span: float = 0.0,
     start: int = 0,
     chunk: int = 100_000,
 ) -> None:
     """Write `rows` instances (and one delivery per target each) into a version 1 ledger at
-    `path`, last updated at `updated`, with the cursor after them; big transactions."""
+    `path`, last updated from `updated` to `updated + span` in order, with the cursor after
+    them; big transactions."""
+    step = span / rows if rows else 0.0
     db = sqlite3.connect(path, isolation_level=None)
     try:
         db.execute("PRAGMA journal_mode=WAL")
@@ -65,12 +68,12 @@ def fill(
             db.executemany(
                 "INSERT INTO instances (instance_id, seq, state, source_syntax, attempts, error,"
                 " first_seen, updated, seconds, deleted_original) VALUES (?,?,?,?,1,?,?,?,?,0)",
-                _instances(first, last, updated),
+                _instances(first, last, updated, step),
             )
             db.executemany(
                 "INSERT INTO deliveries (instance_id, target, state, error, updated) "
                 "VALUES (?,?,?,?,?)",
-                _deliveries(first, last, targets, updated),
+                _deliveries(first, last, targets, updated, step),
             )
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('cursor', ?) "
@@ -87,17 +90,18 @@ def state_of(n: int) -> str:
     return "failed" if n % FAILED_EVERY == 0 else "converted"
 
 
-def _instances(first: int, last: int, updated: float) -> Iterator[tuple[object, ...]]:
+def _instances(first: int, last: int, updated: float, step: float) -> Iterator[tuple[object, ...]]:
     for n in range(first, last):
         state = state_of(n)
         error = "the decoder openjpeg failed on frame 0" if state == "failed" else None
-        yield (instance_id(n), n + 1, state, J2K, error, updated, updated, 0.2)
+        when = updated + n * step
+        yield (instance_id(n), n + 1, state, J2K, error, when, when, 0.2)
 
 
 def _deliveries(
-    first: int, last: int, targets: Sequence[str], updated: float
+    first: int, last: int, targets: Sequence[str], updated: float, step: float
 ) -> Iterator[tuple[object, ...]]:
     for n in range(first, last):
         state = state_of(n)
         for target in targets:
-            yield (instance_id(n), target, state, None, updated)
+            yield (instance_id(n), target, state, None, updated + n * step)
