@@ -3,9 +3,10 @@ retention, on a ledger of N rows with two targets (issue 20).
 
 Run as `python benchmarks/ledger.py [--rows 1000000] [--seconds 10] [--json out.json]`.
 
-1. A ledger exactly as the version of 2026-12-03 makes it (schema version 1: tests/ledger_v1.py)
-   is filled to N instances, one delivery per target each, last updated evenly over the past
-   365 days, one in 500 failed; executemany in transactions of 100,000 rows.
+1. A ledger exactly as the version of 2026-12-03 makes it (schema version 1:
+   tests/ledger_support.py) is filled to N instances, one delivery per target each, last
+   updated evenly over the past 365 days, one in 500 failed; executemany in transactions of
+   100,000 rows.
 2. Before: what that version paid per look, its GROUP BY counts on that file.
 3. First open by this version: the migration (totals counted once, indexes built).
 4. `status --json` as a subprocess (the servers are closed ports on loopback: they answer at
@@ -52,10 +53,11 @@ from bridge.retention import DAY, Retention  # noqa: E402
 from bridge.retry import RetryPolicy  # noqa: E402
 from bridge.state import CONVERTED, Delivery, Entry, State  # noqa: E402
 from bridge.web import WebServer  # noqa: E402
-from tests import ledger_v1  # noqa: E402
+from tests import ledger_support  # noqa: E402
 from tests.orthanc import free_ports  # noqa: E402
 
 WRITERS = 4
+_FREE = ("freelist_count", "page_size")
 TARGETS = ("a", "b")
 
 
@@ -85,7 +87,7 @@ def run(work: Path, rows: int, seconds: float) -> dict[str, Any]:
     now = time.time()
 
     started = time.monotonic()
-    ledger_v1.fill(path, rows, TARGETS, updated=now - 365 * DAY, span=365 * DAY)
+    ledger_support.fill(path, rows, TARGETS, updated=now - 365 * DAY, span=365 * DAY)
     figures["fill_s"] = round(time.monotonic() - started, 1)
     figures["v1_bytes_per_instance"] = round(_size(state_dir) / rows)
     say(f"filled {rows} rows in {figures['fill_s']} s, {figures['v1_bytes_per_instance']} B/row")
@@ -163,6 +165,7 @@ def run(work: Path, rows: int, seconds: float) -> dict[str, Any]:
         figures["retention_rows"] = retention.pruned
         figures["retention_batches"] = retention.batches
         figures["retention_longest_batch_ms"] = round(retention.longest_batch * 1000, 1)
+        figures["retention_mean_batch_ms"] = round(retention.held / retention.batches * 1000, 1)
         figures["writes_per_s_while_pruning"] = round(written / (time.monotonic() - began))
         watching.stop()
         for page, values in latencies.items():
@@ -170,11 +173,15 @@ def run(work: Path, rows: int, seconds: float) -> dict[str, Any]:
         figures["bytes_before_retention"] = size_before
         state._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         figures["bytes_after_retention"] = _size(state_dir)
+        free, page = (state._db.execute(f"PRAGMA {p}").fetchone()[0] for p in _FREE)
+        figures["bytes_free_for_reuse"] = free * page
         say(
             f"retention: {retention.pruned} rows in {figures['retention_s']} s, longest batch "
-            f"{figures['retention_longest_batch_ms']} ms, writes meanwhile "
+            f"{figures['retention_longest_batch_ms']} ms (mean "
+            f"{figures['retention_mean_batch_ms']}), writes meanwhile "
             f"{figures['writes_per_s_while_pruning']}/s, file {size_before >> 20} -> "
-            f"{figures['bytes_after_retention'] >> 20} MiB"
+            f"{figures['bytes_after_retention'] >> 20} MiB, "
+            f"{figures['bytes_free_for_reuse'] >> 20} MiB of it free for new rows"
         )
     finally:
         web.close()
@@ -208,7 +215,8 @@ class _Writers:
                     seq = self._next
                     self._next += 1
                 deliveries = tuple(Delivery(t, CONVERTED) for t in TARGETS)
-                entry = Entry(ledger_v1.instance_id(seq), seq, CONVERTED, deliveries=deliveries)
+                iid = ledger_support.instance_id(seq)
+                entry = Entry(iid, seq, CONVERTED, deliveries=deliveries)
                 self._state.record(entry, cursor=seq)
                 counts[number] += 1
 
@@ -297,7 +305,9 @@ def _latency(values: list[float]) -> dict[str, float]:
     return {
         "n": len(ms),
         "p50": round(statistics.median(ms), 1),
-        "p95": round(statistics.quantiles(ms, n=20)[-1] if len(ms) > 1 else ms[0], 1),
+        "p95": round(
+            statistics.quantiles(ms, n=20, method="inclusive")[-1] if len(ms) > 1 else ms[0], 1
+        ),
         "max": round(ms[-1], 1),
     }
 

@@ -25,8 +25,9 @@ BATCH = 500
 # Between two batches the lock is left free this long, for the transfers waiting for it (a
 # Python lock is not fair: without a pause, the pruner could take it again at once).
 PAUSE = 0.02
-# Free pages given back per step, once a pass is over (4 MiB of 4 KiB pages).
-VACUUM_STEP = 1024
+# Free pages given back per step, once a pass is over (1 MiB of 4 KiB pages): moving pages
+# to the end of the file holds the write lock too.
+VACUUM_STEP = 256
 # How often a pass runs once the backlog is gone: what ages out in that time is small.
 EVERY = 3600.0
 # After a failed pass (a full disk, a lock held elsewhere: the transfers report it too).
@@ -54,6 +55,7 @@ class Retention:
         self.pruned = 0  # rows deleted since the start
         self.batches = 0
         self.longest_batch = 0.0  # seconds of the write lock held by one batch
+        self.held = 0.0  # by all of them
 
     def start(self) -> None:
         """Start pruning in the background; nothing with a retention of 0 days."""
@@ -77,6 +79,7 @@ class Retention:
         while not self._stop.is_set():
             deleted, held = self._state.prune(before, BATCH)
             self.longest_batch = max(self.longest_batch, held)
+            self.held += held
             self.batches += 1
             pruned += deleted
             self.pruned += deleted

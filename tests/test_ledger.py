@@ -4,6 +4,7 @@ retention, and reads that never wait for the writer. Real SQLite files throughou
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ from bridge.state import (
     CONVERTED,
     DELETING,
     FAILED,
+    FINISHED,
     FORWARDED,
     PENDING,
     PROBLEMS,
@@ -39,8 +41,11 @@ from bridge.state import (
     LedgerReads,
     State,
 )
-from tests import ledger_v1
+from tests import bridgectl, ledger_support
+from tests.ledger_support import rows_counted
+from tests.orthanc import OrthancServer
 from tests.polling import wait_for
+from tests.test_bridge import truncated_j2k
 
 NOW = 1_800_000_000.0  # the tests' clock: a fixed "now"
 OLD = NOW - 91 * DAY  # beyond the default 90 days of retention
@@ -55,21 +60,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def rows_counted(path: Path) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
-    """The counts by state and by (target, state), counted row by row: the ground truth."""
-    db = sqlite3.connect(path)
-    try:
-        counts = dict(db.execute("SELECT state, count(*) FROM instances GROUP BY state"))
-        per_target: dict[str, dict[str, int]] = {}
-        for target, state, n in db.execute(
-            "SELECT target, state, count(*) FROM deliveries GROUP BY target, state"
-        ):
-            per_target.setdefault(target, {})[state] = n
-        return counts, per_target
-    finally:
-        db.close()
 
 
 def file_bytes(directory: Path) -> dict[str, str]:
@@ -187,7 +177,7 @@ def test_a_version_1_ledger_is_migrated_in_place_at_first_open(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / State.FILE
-    ledger_v1.fill(path, 3000, targets=("a", "b"), updated=NOW)
+    ledger_support.fill(path, 3000, targets=("a", "b"), updated=NOW)
     before = rows_counted(path)
     assert before[0] == {CONVERTED: 2994, FAILED: 6}
     with caplog.at_level(logging.INFO, logger="bridge.state"):
@@ -198,7 +188,7 @@ def test_a_version_1_ledger_is_migrated_in_place_at_first_open(
     )
     assert (state.counts(), state.delivery_counts()) == before
     assert state.cursor() == 3000  # the cursor is kept
-    first = ledger_v1.instance_id(0)
+    first = ledger_support.instance_id(0)
     entry = state.get(first)
     assert entry is not None and (entry.state, entry.seq) == (FAILED, 1)
     # Writes go on counting from the migrated totals.
@@ -222,7 +212,7 @@ def test_a_version_1_ledger_is_migrated_in_place_at_first_open(
 
 def test_status_reads_a_version_1_ledger_without_altering_it(tmp_path: Path) -> None:
     path = tmp_path / State.FILE
-    ledger_v1.fill(path, 500, targets=("a", "b"), updated=NOW)
+    ledger_support.fill(path, 500, targets=("a", "b"), updated=NOW)
     before = file_bytes(tmp_path)
     state = State(tmp_path, read_only=True)
     assert (state.counts(), state.delivery_counts()) == rows_counted(path)
@@ -279,7 +269,7 @@ def test_the_cli_refuses_a_newer_ledger_with_exit_3(
 def test_a_migration_cut_short_is_done_again(tmp_path: Path) -> None:
     """The migration is one transaction: a failure inside it leaves version 1, intact."""
     path = tmp_path / State.FILE
-    ledger_v1.fill(path, 200, updated=NOW)
+    ledger_support.fill(path, 200, updated=NOW)
     db = sqlite3.connect(path, isolation_level=None)
     # A trigger that fails the version's row: the last statement of the migration.
     db.execute(
@@ -439,3 +429,39 @@ def test_the_reader_does_not_wait_for_a_write_under_way(tmp_path: Path) -> None:
         assert answered == [counts]  # the last commit, read at once
     assert state.reader.counts()[FAILED] == counts[FAILED] + 1
     state.close()
+
+
+# --- against real Orthanc servers -----------------------------------------------------------
+
+
+def test_a_running_bridge_prunes_old_rows_keeps_failures_and_counts_all_time(
+    source: OrthancServer, target: OrthancServer, tmp_path: Path
+) -> None:
+    first = bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 6)
+    bad = str(source.upload(truncated_j2k())["ID"])
+    config = bridgectl.write_config(tmp_path, source, target)
+    assert bridgectl.run("catch-up", config, source, target).returncode == 1  # the bad one
+    path = tmp_path / "state" / State.FILE
+    # A hundred days pass (the rows say so): all of them are now beyond 90 days.
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("UPDATE instances SET updated = updated - 100 * 86400")
+    db.execute("UPDATE deliveries SET updated = updated - 100 * 86400")
+    db.close()
+    log = tmp_path / "bridge.log"
+    daemon = bridgectl.start("run", config, source, target, log)
+    try:
+        wait_for(lambda: rows_counted(path)[0] == {FAILED: 1}, 30, "the old converted rows pruned")
+        second = bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 3)
+        bridgectl.wait_for_count(target, 9)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=20) == 0, log.read_text()
+    finally:
+        bridgectl.kill(daemon)
+    assert "ledger retention: 6 finished instances older than 90 days deleted" in log.read_text()
+    assert set(target.instances()) >= first | second
+    left = {e.instance_id for e in State(tmp_path / "state", read_only=True).entries(FINISHED)}
+    assert left == {bad} | second
+    # All time, across the pruning and the restarts, as `status` tells it.
+    report = json.loads(bridgectl.run("status", config, source, target, "--json").stdout)
+    assert report["counts"] == {CONVERTED: 9, FAILED: 1}, report
+    assert report["targets"]["target"]["counts"] == {CONVERTED: 9, FAILED: 1}, report

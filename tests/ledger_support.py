@@ -1,5 +1,6 @@
-"""A ledger exactly as the version of 2026-12-03 made it (schema version 1: no totals, no
-version recorded), filled quickly: for the migration tests and benchmarks/ledger.py."""
+"""Ledgers for tests and benchmarks/ledger.py: one exactly as the version of 2026-12-03 made
+it (schema version 1: no totals, no version recorded), filled quickly; the counts of a ledger
+counted row by row, the truth its totals must match."""
 
 from __future__ import annotations
 
@@ -105,3 +106,21 @@ def _deliveries(
         state = state_of(n)
         for target in targets:
             yield (instance_id(n), target, state, None, updated + n * step)
+
+
+def rows_counted(path: Path) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """The counts by state and by (target, state) of the ledger at `path`, row by row."""
+    db = sqlite3.connect(path)
+    try:
+        counts = {
+            str(s): int(n)
+            for s, n in db.execute("SELECT state, count(*) FROM instances GROUP BY state")
+        }
+        per_target: dict[str, dict[str, int]] = {}
+        for target, state, n in db.execute(
+            "SELECT target, state, count(*) FROM deliveries GROUP BY target, state"
+        ):
+            per_target.setdefault(str(target), {})[str(state)] = int(n)
+        return counts, per_target
+    finally:
+        db.close()
