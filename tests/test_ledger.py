@@ -39,6 +39,7 @@ from bridge.state import (
     Delivery,
     Entry,
     LedgerReads,
+    Pruned,
     State,
 )
 from tests import bridgectl, ledger_support
@@ -365,6 +366,30 @@ def test_the_retention_thread_prunes_in_the_background_while_outcomes_are_writte
         retention.close()
     assert state.counts()[CONVERTED] == 1210 + n
     assert state.cursor() == 5000 + n - 1
+    state.close()
+
+
+def test_retention_outlives_a_ledger_that_cannot_be_written_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state, clock = _aged_ledger(tmp_path)
+    real_prune = state.prune
+    failures = [StateError("cannot write the state: database or disk is full")]
+
+    def prune(before: float, limit: int) -> Pruned:
+        if failures:
+            raise failures.pop()
+        return real_prune(before, limit)
+
+    monkeypatch.setattr(state, "prune", prune)
+    monkeypatch.setattr("bridge.retention.RETRY", 0.01)
+    retention = Retention(state, 90, clock=clock)
+    retention.start()
+    try:
+        wait_for(lambda: retention.pruned == 1203, 30, "retention to try again and prune")
+    finally:
+        retention.close()
+    assert not failures
     state.close()
 
 
