@@ -26,6 +26,7 @@ from bridge.config import Config, load
 from bridge.errors import BridgeError, ConfigError, StateError
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline, Summary
+from bridge.retention import Retention
 from bridge.retry import RetryPolicy, no_retry
 from bridge.routing import needs
 from bridge.sdnotify import Watchdog
@@ -164,6 +165,8 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
         cleanup.enter_context(_stop_on_signals(stop))
         pipeline = Pipeline(config, state, source, targets, stop)
         cleanup.callback(pipeline.close)
+        retention = Retention(state, config.ledger_retention_days)
+        cleanup.callback(retention.close)
         cleanup.callback(pipeline.health.close)
         web = WebServer(config, command, pipeline)
         cleanup.callback(web.close)
@@ -172,6 +175,7 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
         web.start()
         pipeline.health.start()
         watchdog.start()
+        retention.start()
         return work(pipeline, source, targets)
     raise AssertionError("unreachable")  # ExitStack does not swallow exceptions
 

@@ -134,6 +134,7 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"
     progress_interval: float = 10.0
+    ledger_retention_days: float = 90.0  # 0: keep every row
     http: HttpConfig = field(default_factory=lambda: HttpConfig(DEFAULT_HTTP_LISTEN))
     cluster: ClusterConfig | None = None  # None: every transfer runs on this machine
     # Every target, with its rules; () is the single `target` above, converting everything.
@@ -278,6 +279,9 @@ def parse(raw: object, base_dir: Path, env: Mapping[str, str] | None = None) -> 
         log_level=top.take("log_level", str, defaults.log_level).upper(),
         log_format=top.take("log_format", str, defaults.log_format),
         progress_interval=top.take("progress_interval", float, defaults.progress_interval),
+        ledger_retention_days=top.take(
+            "ledger_retention_days", float, defaults.ledger_retention_days
+        ),
         http=_http(top, env),
         cluster=_cluster(top.section("cluster"), base_dir),
     )
@@ -422,6 +426,11 @@ def _check_ranges(config: Config) -> None:
             f"got {config.on_source_reset!r}"
         )
     _positive("progress_interval", config.progress_interval)
+    if config.ledger_retention_days < 0:
+        raise ConfigError(
+            "ledger_retention_days: must be 0 (keep everything) or more, "
+            f"got {config.ledger_retention_days:g}"
+        )
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(
             f"log_format: expected one of {', '.join(LOG_FORMATS)}, got {config.log_format!r}"

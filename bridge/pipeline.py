@@ -234,7 +234,7 @@ class Pipeline:
         self.source_last = 0
         self.total = 0  # instances to process, for `retry` and `reconcile`
         metrics.watch(
-            ledger=lambda: state.count_in(WAITING),
+            ledger=lambda: state.reader.count_in(WAITING),  # never the writer's connection
             inflight=self.inflight,
             decoders=self.decoders_alive,
         )

@@ -1,8 +1,9 @@
 """The read-only HTTP server: /metrics, /livez, /readyz, and / (the status page).
 
 It runs in its own threads and only reads: counters, the health decisions and, for the page,
-a few rows of the ledger. It never takes a lock that a transfer holds for longer than a
-counter update, so it cannot slow the transfers. Beyond loopback it asks for basic auth,
+the ledger's totals and a few of its rows, through a read-only connection of its own. It never
+takes a lock that a transfer holds for longer than a counter update, so it cannot slow the
+transfers. Beyond loopback it asks for basic auth,
 except on /livez and /readyz, which health checkers call and which tell only a state and a
 reason.
 """
@@ -110,7 +111,8 @@ class _Pages:
         """Everything the status page shows, read now."""
         pipeline = self._pipeline
         health = pipeline.health
-        state = pipeline.state
+        # Its own read-only connection: the page never waits for the lock transfers write under.
+        state = pipeline.state.reader
         reasons = health.readiness()
         ledger = state.counts()
         waiting = sum(ledger.get(s, 0) for s in PROBLEMS)

@@ -91,6 +91,8 @@ def test_a_url_list_names_the_nodes_of_a_cluster() -> None:
         ({**BASE, "http_listen": "0.0.0.0:8242"}, "http_listen: 0.0.0.0:8242 is reachable"),
         ({**BASE, "http_password": "x"}, "http_username: set both"),
         ({**BASE, "progress_interval": 0}, "progress_interval: must be greater than 0"),
+        ({**BASE, "ledger_retention_days": -1}, "ledger_retention_days: must be 0"),
+        ({**BASE, "ledger_retention_days": "90d"}, "ledger_retention_days: expected float"),
         ({**BASE, "cluster": {"scheduler": "h:8786"}}, "cluster.scheduler: expected tcp://"),
         ({**BASE, "cluster": {"batch_size": 2}}, "cluster.scheduler: required key is missing"),
         (

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,13 +110,14 @@ def test_readiness_names_each_reason(tmp_path: Path) -> None:
 def test_state_that_cannot_be_written_is_not_ready(tmp_path: Path) -> None:
     state = State(tmp_path / "state")
     assert state.writable() is None
-    holder = State(tmp_path / "state", read_only=True)
-    holder._db.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    # Another writer holds the database.
+    holder = sqlite3.connect(tmp_path / "state" / State.FILE, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
     state._db.execute("PRAGMA busy_timeout = 10")
     try:
         assert "cannot write the state" in str(state.writable())
     finally:
-        holder._db.execute("ROLLBACK")
+        holder.execute("ROLLBACK")
         holder.close()
         state.close()
 

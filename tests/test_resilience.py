@@ -26,6 +26,7 @@ import pytest
 from bridge.state import State
 from tests import bridgectl, hostile
 from tests.conftest import MakeOrthanc
+from tests.ledger_support import rows_counted
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, TARGET_USERS, OrthancServer, port_accepts
 from tests.polling import wait_for
 from tests.transcode_support import j2k_multiframe
@@ -258,6 +259,14 @@ def test_sigkill_at_random_moments_with_two_targets(
     assert report["counts"] == {"converted": len(uploaded)}, report
     assert report["targets"]["research"]["counts"] == {"converted": len(uploaded)}, report
     assert report["targets"]["archive"]["counts"] == {"forwarded": len(uploaded)}, report
+    # Those are the ledger's all-time totals, kept through every kill -9: the rows agree.
+    reader = State(config.parent / "state", read_only=True)
+    try:
+        assert (reader.counts(), reader.delivery_counts()) == rows_counted(
+            config.parent / "state" / State.FILE
+        )
+    finally:
+        reader.close()
 
 
 # --- 3: the target goes away mid-stream ------------------------------------------------------
