@@ -4,6 +4,8 @@ Every class takes a single message string so that instances survive pickling acr
 decoding worker processes unchanged.
 """
 
+import re
+
 
 class BridgeError(Exception):
     """Root of every error the bridge raises on purpose."""
@@ -77,9 +79,25 @@ def one_line(exc: BaseException) -> str:
     appends `traceback.format_exc()`): that part is dropped. The lines of the message before it
     are joined (pydicom gives each decoder's own words on a line of their own).
     """
-    text = " ".join(without_traceback(str(exc)).split())
+    text = readable(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
+
+
+# Longest reason kept: a few lines of `status`. Longer ones quoted a whole value of the file.
+REASON_CHARS = 500
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffd]")
+
+
+def readable(text: str, limit: int = REASON_CHARS) -> str:
+    """`text` fit for a reason: no traceback, one line, control bytes shown as escapes (a value
+    of a hostile file quoted in a message would put NULs into the ledger and the page), and cut
+    at `limit` characters."""
+    text = " ".join(without_traceback(text).split())
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    if len(text) > limit:
+        text = f"{text[:limit]}... ({len(text)} characters in all)"
+    return text
 
 
 def without_traceback(text: str) -> str:

@@ -8,6 +8,7 @@ size plus one frame.
 from __future__ import annotations
 
 import logging
+import re
 import struct
 from collections.abc import Iterator
 
@@ -66,6 +67,7 @@ _MAX_FRAMES = 2**31 - 1
 _MAX_SAMPLES = 4
 # What a dataset may hold besides its pixel data; real ones hold kilobytes, rarely megabytes.
 _NON_PIXEL_ROOM = 64 * 1024**2
+_UID_TEXT = re.compile(r"[0-9.]{1,64}")
 
 
 class _Context:
@@ -77,15 +79,25 @@ class _Context:
 
     def describe(self, reason: str) -> str:
         syntax = "unknown transfer syntax"
-        if self.transfer_syntax:
+        if self.transfer_syntax and not _UID_TEXT.fullmatch(self.transfer_syntax):
+            syntax = _shown_uid(self.transfer_syntax)
+        elif self.transfer_syntax:
             name = UID(self.transfer_syntax).name
             syntax = (
                 f"{name} ({self.transfer_syntax})"
                 if name != self.transfer_syntax
                 else self.transfer_syntax
             )
-        sop = self.sop_instance_uid or "unknown"
+        sop = _shown_uid(self.sop_instance_uid) if self.sop_instance_uid else "unknown"
         return f"{reason} [SOP Instance UID {sop}, {syntax}]"
+
+
+def _shown_uid(value: str) -> str:
+    """A UID as a reason shows it: itself when it is one (PS3.5 9.1), else the start of what
+    the file holds there (a length a hostile file enlarged swallows the elements after it)."""
+    if _UID_TEXT.fullmatch(value):
+        return value
+    return f"{value[:64]!r} ({len(value)} characters, not a UID)"
 
 
 def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:  # noqa: B008
@@ -106,6 +118,12 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
     except BaseException as exc:  # pydicom, numpy and the decoders raise anything on bad input
         # One line for the reason: pydicom puts whole tracebacks into some of its messages.
         log.debug("instance %s could not be converted", context.sop_instance_uid, exc_info=True)
+        if isinstance(exc, TypeError) and isinstance(exc.__context__, UnicodeError):
+            # pydicom's tag_in_exception re-raises `type(exc)(message)`, which fails for a
+            # UnicodeEncodeError (a value read with replacement characters cannot be written
+            # back) and leaves "function takes exactly 5 arguments": the error it was handling
+            # is the reason.
+            exc = exc.__context__
         raise DecodeError(context.describe(one_line(exc))) from exc
 
 

@@ -29,7 +29,7 @@ from bridge.errors import (
     PermanentError,
     UnsupportedSyntax,
     VerificationFailed,
-    without_traceback,
+    readable,
 )
 from bridge.feed import NewInstance
 from bridge.header import transfer_syntax
@@ -341,4 +341,4 @@ def _one_line(exc: Exception) -> str:
     # Decoders' messages span several lines; the summary and `status` print one instance per
     # line, its reason after the ID, so a multi-line reason would break them. A traceback some
     # library put into the message (pydicom does) is no reason: the DEBUG log has it.
-    return " ".join(without_traceback(str(exc)).split())
+    return readable(str(exc))

@@ -26,7 +26,7 @@ from pydicom.pixels.processing import convert_color_space
 
 from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeOptions
 from bridge.dicomfile import read_meta
-from bridge.errors import DecodeError, TooLarge, UnsupportedSyntax
+from bridge.errors import BridgeError, DecodeError, TooLarge, UnsupportedSyntax
 from bridge.transcode import transcode
 from tests.transcode_support import (
     assert_same_elements,
@@ -710,3 +710,43 @@ def test_pydicoms_un_setting_is_set_once_where_the_bridge_reads_with_pydicom() -
         [sys.executable, "-c", script, explicit], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
+
+
+# --- issue 19: reasons a person can read, whatever the file holds ------------------------------
+
+
+def _with_length(name: str, tag: tuple[int, int], vr: bytes, length: int) -> bytes:
+    """A pydicom test file with one element's length changed, as the fuzzer changes it."""
+    data = bytearray(bundled(name).read_bytes())
+    big = "big_endian" in name
+    at = data.index(struct.pack(">HH" if big else "<HH", *tag) + vr, 132)
+    if vr in (b"OB", b"OW", b"UN", b"SQ", b"UT"):
+        struct.pack_into(">I" if big else "<I", data, at + 8, length)
+    else:
+        struct.pack_into(">H" if big else "<H", data, at + 6, length)
+    return bytes(data)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ufffd]")
+
+
+@pytest.mark.parametrize(
+    ("name", "tag", "vr", "length", "expected"),
+    [
+        # A UID whose length swallows the elements after it: it was quoted whole, NULs and all.
+        ("rtdose_rle.dcm", (0x0008, 0x0018), b"UN", 0xFFFFFFFE, "not a UID"),
+        # A value read with replacement characters cannot be written back: pydicom's own
+        # re-raise failed and left "TypeError: function takes exactly 5 arguments (1 given)".
+        ("SC_rgb_small_odd_big_endian.dcm", (0x0028, 0x0030), b"DS", 65535, "UnicodeEncodeError"),
+    ],
+)
+def test_a_reason_is_one_short_readable_line_whatever_the_file_holds(
+    name: str, tag: tuple[int, int], vr: bytes, length: int, expected: str
+) -> None:
+    with pytest.raises(BridgeError) as refused:
+        transcode(_with_length(name, tag, vr, length))
+    reason = str(refused.value)
+    assert expected in reason, reason
+    assert "takes exactly 5 arguments" not in reason
+    assert not _CONTROL.search(reason), reason
+    assert len(reason) < 800, f"{len(reason)} characters"
