@@ -13,8 +13,9 @@ function of (--seed, N) alone, whatever --jobs.
 Every input runs in a child forked from this process, under an address-space limit and a
 deadline: `decoded_size(data)`, then `transcode(data, options)`. A finding is a child that died
 (crash), overran its deadline (timeout), ran out of memory (memory), a header size that is not
-sane (header), or an exception from the transcoder other than a BridgeError (leak). Each new
-finding is saved in --out as KIND-HASH.dcm with a line in findings.jsonl.
+sane (header), an exception from the transcoder other than a BridgeError (leak), or a BridgeError
+whose reason a person cannot read: control bytes, a traceback, over 1,000 characters (reason).
+Each new finding is saved in --out as KIND-HASH.dcm with a line in findings.jsonl.
 """
 
 from __future__ import annotations
@@ -59,7 +60,10 @@ from bridge.header import decoded_size
 from bridge.transcode import transcode
 
 MIB = 1024 * 1024
-KINDS = ("crash", "timeout", "memory", "header", "leak")
+KINDS = ("crash", "timeout", "memory", "header", "leak", "reason")
+# A refusal's reason is one line a person reads in `status`: no control bytes, not a page long.
+_UNREADABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffd]|Traceback|takes exactly")
+_LONGEST_REASON = 1000
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -1602,6 +1606,7 @@ def error_event(stage: str, exc: BaseException) -> Event:
         f"{stage}_error": _describe(exc),
         "bridge": isinstance(exc, BridgeError),
         "exception": isinstance(exc, Exception),
+        "readable": not _UNREADABLE.search(str(exc)) and len(str(exc)) <= _LONGEST_REASON,
     }
 
 
@@ -1960,6 +1965,8 @@ def _transcode_findings(finding: Callable[..., Finding], events: Sequence[Event]
             return [finding("memory", text, stage="transcode")]
         if not event["bridge"] or not event["exception"]:
             return [finding("leak", text, stage="transcode")]
+        if not event.get("readable", True):
+            return [finding("reason", text[:_LONGEST_REASON], stage="transcode")]
     return []
 
 
