@@ -22,6 +22,7 @@ import pytest
 import requests
 import yaml
 
+from bridge.errors import StateError
 from bridge.state import CONVERTED, State
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
@@ -141,7 +142,14 @@ def converted_metric(config: Path) -> float:
 
 
 def ledger_counts(state_dir: Path) -> dict[str, int]:
-    state = State(state_dir, read_only=True)
+    """The ledger's counts; none while the bridge has not made its ledger yet (a reader never
+    creates one)."""
+    try:
+        state = State(state_dir, read_only=True)
+    except StateError:
+        if (state_dir / State.FILE).exists():
+            raise
+        return {}
     try:
         return state.counts()
     finally:
