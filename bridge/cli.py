@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -24,6 +24,7 @@ from types import FrameType
 from bridge import __version__, logs, progress
 from bridge.config import Config, load
 from bridge.errors import BridgeError, ConfigError, StateError
+from bridge.inventory import Inventory
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline, Summary
 from bridge.retention import Retention
@@ -87,7 +88,25 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(command=func)
         if name == "status":
             command.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "reconcile":
+            command.add_argument(
+                "--page-size",
+                type=_page_size,
+                default=10000,
+                metavar="N",
+                help="instance IDs asked of each server per request (default: 10000)",
+            )
     return parser
+
+
+def _page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100000, got {text!r}")
+    return value
 
 
 def _fail(message: str) -> None:
@@ -222,15 +241,18 @@ def _catch_up(args: argparse.Namespace, config: Config) -> int:
     return _one_shot("catch-up", config, work)
 
 
-def _process(pipeline: Pipeline, what: str, ids: list[str], interval: float) -> Summary:
-    """Process `ids` with a progress report: `retry` and `reconcile`."""
+def _process(
+    pipeline: Pipeline, what: str, ids: Iterable[str], total: int, interval: float
+) -> Summary:
+    """Process `ids` (`total` of them, maybe a stream) with a progress report: `retry` and
+    `reconcile`."""
     pipeline.mode = what
 
     def read() -> tuple[int, int]:
-        return sum(pipeline.summary.counts.values()), len(ids)
+        return sum(pipeline.summary.counts.values()), total
 
     with progress.shown(what, "instances", read, interval):
-        return pipeline.process(ids)
+        return pipeline.process(ids, total)
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
@@ -239,21 +261,69 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
         # pending; without this, no later retry would ever pick them up again.
         ids = pipeline.state.requeue((*PROBLEMS, PENDING))
         log.info("retrying %d instances", len(ids))
-        return _process(pipeline, "retrying", ids, config.progress_interval)
+        return _process(pipeline, "retrying", ids, len(ids), config.progress_interval)
 
     return _one_shot("retry", config, work)
 
 
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
+    page: int = args.page_size
+
     def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
-        # An instance some target lacks is processed again: its rules decide again where it
-        # goes, and targets that hold it already answer AlreadyStored and are verified.
-        held = set(source.instance_ids())
-        missing = sorted(set().union(*(held - set(t.instance_ids()) for t in targets)))
-        log.info("the targets lack %d of the source's instances", len(missing))
-        return _process(pipeline, "reconciling", missing, config.progress_interval)
+        interval = config.progress_interval
+        inventory = Inventory(config.state_dir)
+        try:
+            with _listing(pipeline, source, page, inventory, interval) as pages:
+                inventory.list_source(pages)
+            # An instance some target lacks is processed again: its rules decide again where
+            # it goes, and targets that hold it already answer AlreadyStored and are verified.
+            for target in targets:
+                if pipeline.stop.is_set():
+                    break
+                with _listing(pipeline, target, page, inventory, interval) as pages:
+                    inventory.list_target(pages)
+                if pipeline.stop.is_set():
+                    break  # a listing cut short: comparing with it would invent work
+                pipeline.mode = f"comparing the source with {target.role}"
+                log.info("%s", pipeline.mode)
+                inventory.subtract_target()
+            if pipeline.stop.is_set():
+                return pipeline.summary
+            missing = inventory.missing_count()
+            log.info("the targets lack %d of the source's instances", missing)
+            return _process(pipeline, "reconciling", inventory.missing(), missing, interval)
+        finally:
+            inventory.close()
 
     return _one_shot("reconcile", config, work)
+
+
+@contextmanager
+def _listing(
+    pipeline: Pipeline, client: OrthancClient, page: int, inventory: Inventory, interval: float
+) -> Iterator[Iterator[list[str]]]:
+    """The pages of `client`'s `/instances`, with a progress report while they are read; the
+    pages end early when the bridge is stopped."""
+    what = f"listing {client.role}"
+    pipeline.mode = f"{what}'s instances"
+    try:
+        expected = client.count_instances()  # for the progress bar's total only
+    except BridgeError as exc:
+        log.debug("%s: no count of its instances: %s", client.role, exc)
+        expected = 0
+
+    def pages() -> Iterator[list[str]]:
+        for ids in client.instance_pages(page):
+            pipeline.health.beat()
+            yield ids
+            if pipeline.stop.is_set():
+                return
+
+    def read() -> tuple[int, int]:
+        return inventory.listed, expected
+
+    with progress.shown(what, "instances", read, interval):
+        yield pages()
 
 
 def _report(what: str, summary: Summary, seconds: float) -> int:

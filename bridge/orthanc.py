@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlencode
@@ -213,16 +214,26 @@ class OrthancClient:
         except NotFound:
             log.debug("%s: %s was already deleted", self.role, instance)
 
-    def instance_ids(self, page: int = 10000) -> list[str]:
-        """Every instance ID the server holds, read in pages."""
-        ids: list[str] = []
+    def instance_pages(self, page: int = 10000) -> Iterator[list[str]]:
+        """Every instance ID the server holds, one page of at most `page` IDs at a time (in
+        Orthanc's order, by its internal id: not sorted by ID)."""
+        since = 0
         while True:
-            body = self._json("GET", "/instances", params={"since": len(ids), "limit": page})
+            body = self._json("GET", "/instances", params={"since": since, "limit": page})
             if not isinstance(body, list):
                 raise Rejected(f"{self.role} Orthanc: /instances did not answer a list")
-            ids.extend(str(i) for i in body)
-            if len(body) < page:
-                return ids
+            ids = [str(i) for i in body]
+            if ids:
+                yield ids
+            since += len(ids)
+            if len(ids) < page:
+                return
+
+    def count_instances(self) -> int:
+        """How many instances the server holds (`/statistics`); 0 if it does not say."""
+        body = self._json("GET", "/statistics")
+        count = body.get("CountInstances") if isinstance(body, dict) else None
+        return count if isinstance(count, int) and count >= 0 else 0
 
     def read(self, path: str) -> Any:
         """GET `path` (with its query): the JSON answer, or its text if it is not JSON (the raw

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence, Sized
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -315,9 +315,15 @@ class Pipeline:
             if self.source.transfer_syntax(entry.instance_id) is None:
                 self.state.record(replace(entry, state=CONVERTED, deleted_original=True))
 
-    def process(self, instance_ids: Sequence[str]) -> Summary:
-        """Process instances by ID, outside the change log (for `retry` and `reconcile`)."""
-        self.total = len(instance_ids)
+    def process(self, instance_ids: Iterable[str], total: int | None = None) -> Summary:
+        """Process instances by ID, outside the change log (for `retry` and `reconcile`).
+
+        `instance_ids` may be a stream (read as room frees up); `total` is how many it holds,
+        for the progress report, by default its length.
+        """
+        if total is None:
+            total = len(instance_ids) if isinstance(instance_ids, Sized) else 0
+        self.total = total
         for iid in instance_ids:
             if self.stop.is_set():
                 break

@@ -553,6 +553,41 @@ def test_reconcile_converts_instances_missing_from_the_change_log(
     assert_all_converted(target, uploaded | {late})
 
 
+def test_reconcile_reads_the_listings_in_pages_and_serves_every_target(
+    source: OrthancServer, target: OrthancServer, make_orthanc: MakeOrthanc, tmp_path: Path
+) -> None:
+    """Listings of several pages each (the last one empty); an instance that one target of
+    two lacks is processed again, and the other target answers AlreadyStored."""
+    archive = make_orthanc("archive")
+    (user, password), *_ = TARGET_USERS.items()
+    targets = [
+        {"name": "research", "url": target.url, "username": user, "password": password},
+        {"name": "archive", "url": archive.url, "rules": [{"action": "forward"}]},
+    ]
+    config = bridgectl.write_config(tmp_path, source, target, targets=targets)
+    first = bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 12)
+    assert bridgectl.run("catch-up", config, source, target).returncode == 0
+    later = bridgectl.upload_variants(source, "MR_small_jp2klossless.dcm", 8)
+    source.request("DELETE", "/changes").raise_for_status()
+    lost = sorted(first)[:3]
+    for iid in lost:
+        archive.delete(iid)
+
+    result = bridgectl.run("reconcile", config, source, target, "--page-size", "5")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith(f"reconcile: {len(later) + len(lost)} converted"), result.stdout
+    for listed in ("listing source: 20/20", "listing research: 12/12", "listing archive: 9/9"):
+        assert listed in result.stderr, result.stderr
+    assert "comparing the source with archive" in result.stderr, result.stderr
+    assert_all_converted(target, first | later)
+    assert set(archive.instances()) == first | later
+    assert not (tmp_path / "state" / "reconcile.sqlite").exists()
+
+    again = bridgectl.run("reconcile", config, source, target, "--page-size", "5")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.startswith("reconcile: nothing"), again.stdout
+
+
 def test_an_interrupted_retry_leaves_nothing_behind(
     source: OrthancServer, target: OrthancServer, tmp_path: Path
 ) -> None:
