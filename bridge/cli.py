@@ -24,7 +24,7 @@ from types import FrameType
 from bridge import __version__, logs, progress
 from bridge.config import Config, load
 from bridge.errors import BridgeError, ConfigError, StateError
-from bridge.inventory import Inventory
+from bridge.inventory import Inventory, read_ahead
 from bridge.orthanc import OrthancClient
 from bridge.pipeline import Pipeline, Summary
 from bridge.retention import Retention
@@ -313,7 +313,7 @@ def _listing(
         expected = 0
 
     def pages() -> Iterator[list[str]]:
-        for ids in client.instance_pages(page):
+        for ids in read_ahead(client.instance_pages(page)):
             pipeline.health.beat()
             yield ids
             if pipeline.stop.is_set():

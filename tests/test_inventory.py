@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-from bridge.inventory import Inventory
+import pytest
+
+from bridge.errors import ServerUnavailable
+from bridge.inventory import Inventory, read_ahead
 
 
 def pages(ids: list[str], size: int) -> list[list[str]]:
@@ -39,3 +44,27 @@ def test_a_file_left_by_a_killed_reconcile_is_replaced(tmp_path: Path) -> None:
         assert list(inventory.missing()) == ["a", "b"]
     finally:
         inventory.close()
+
+
+def test_read_ahead_keeps_the_order_and_raises_where_the_listing_failed() -> None:
+    def listing() -> Iterator[list[str]]:
+        for n in range(5):
+            yield [str(n)]
+        raise ServerUnavailable("source Orthanc: down")
+
+    got: list[list[str]] = []
+    with pytest.raises(ServerUnavailable, match="down"):
+        for page in read_ahead(listing()):
+            got.append(page)
+    assert got == [[str(n)] for n in range(5)]
+
+
+def test_read_ahead_ends_its_thread_when_the_reader_leaves() -> None:
+    def endless() -> Iterator[list[str]]:
+        while True:
+            yield ["x"]
+
+    pages = read_ahead(endless(), depth=1)
+    assert next(pages) == ["x"]
+    pages.close()  # returns only once the fetching thread has ended
+    assert "listing" not in {t.name for t in threading.enumerate()}
