@@ -49,9 +49,9 @@ if str(REPO) not in sys.path:
 from bridge.cli import _clients  # noqa: E402
 from bridge.config import load  # noqa: E402
 from bridge.pipeline import Pipeline  # noqa: E402
-from bridge.retention import DAY, Retention  # noqa: E402
+from bridge.retention import BATCH, DAY, PAUSE, Retention  # noqa: E402
 from bridge.retry import RetryPolicy  # noqa: E402
-from bridge.state import CONVERTED, Delivery, Entry, State  # noqa: E402
+from bridge.state import CONVERTED, Delivery, Entry, Pruned, State  # noqa: E402
 from bridge.web import WebServer  # noqa: E402
 from tests import ledger_support  # noqa: E402
 from tests.orthanc import free_ports  # noqa: E402
@@ -67,10 +67,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per write-load phase")
     parser.add_argument("--dir", type=Path, help="work here (default: a temporary directory)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--batch", type=int, default=BATCH, help="retention's rows per batch")
+    parser.add_argument("--pause", type=float, default=PAUSE, help="retention's pause, s")
+    parser.add_argument(
+        "--v1", type=Path, help="copy this version 1 ledger of --rows rows instead of filling one"
+    )
+    parser.add_argument(
+        "--no-retention", action="store_true", help="skip step 6 (minutes at 10 M rows)"
+    )
     args = parser.parse_args()
     work = args.dir or Path(tempfile.mkdtemp(prefix="ledger-bench-"))
     try:
-        figures = run(work, args.rows, args.seconds)
+        figures = run(
+            work,
+            args.rows,
+            args.seconds,
+            args.v1,
+            None if args.no_retention else (args.batch, args.pause),
+        )
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -79,7 +93,13 @@ def main() -> None:
         args.json.write_text(json.dumps(figures, indent=2))
 
 
-def run(work: Path, rows: int, seconds: float) -> dict[str, Any]:
+def run(
+    work: Path,
+    rows: int,
+    seconds: float,
+    v1: Path | None = None,
+    prune: tuple[int, float] | None = (BATCH, PAUSE),
+) -> dict[str, Any]:
     state_dir = work / "state"
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / State.FILE
@@ -87,7 +107,11 @@ def run(work: Path, rows: int, seconds: float) -> dict[str, Any]:
     now = time.time()
 
     started = time.monotonic()
-    ledger_support.fill(path, rows, TARGETS, updated=now - 365 * DAY, span=365 * DAY)
+    if v1 is not None:
+        # Filled earlier (its rows' dates relative to then): the file, not its WAL.
+        shutil.copyfile(v1, path)
+    else:
+        ledger_support.fill(path, rows, TARGETS, updated=now - 365 * DAY, span=365 * DAY)
     figures["fill_s"] = round(time.monotonic() - started, 1)
     figures["v1_bytes_per_instance"] = round(_size(state_dir) / rows)
     say(f"filled {rows} rows in {figures['fill_s']} s, {figures['v1_bytes_per_instance']} B/row")
@@ -145,52 +169,80 @@ def run(work: Path, rows: int, seconds: float) -> dict[str, Any]:
                 f"{figures[f'latency_ms {how} /']}, metrics {figures[f'latency_ms {how} /metrics']}"
             )
 
-        size_before = _size(state_dir)
-        retention = Retention(state, 90)
-        latencies = {"/": [], "/metrics": []}
-        watching = _Watcher(base, latencies, 1.0)
-        watching.start()
-        pruned_in: list[float] = []
-
-        def prune() -> None:
-            began = time.monotonic()
-            retention.run_once()
-            pruned_in.append(time.monotonic() - began)
-
-        pruning = threading.Thread(target=prune)
-        began = time.monotonic()
-        pruning.start()
-        written = writers.until(lambda: not pruning.is_alive())
-        figures["retention_s"] = round(pruned_in[0], 1)
-        figures["retention_rows"] = retention.pruned
-        figures["retention_batches"] = retention.batches
-        figures["retention_longest_batch_ms"] = round(retention.longest_batch * 1000, 1)
-        figures["retention_mean_batch_ms"] = round(retention.held / retention.batches * 1000, 1)
-        figures["writes_per_s_while_pruning"] = round(written / (time.monotonic() - began))
-        watching.stop()
-        for page, values in latencies.items():
-            figures[f"latency_ms while pruning {page}"] = _latency(values)
-        figures["bytes_before_retention"] = size_before
-        state._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        figures["bytes_after_retention"] = _size(state_dir)
-        free, page = (state._db.execute(f"PRAGMA {p}").fetchone()[0] for p in _FREE)
-        figures["bytes_free_for_reuse"] = free * page
-        say(
-            f"retention: {retention.pruned} rows in {figures['retention_s']} s, longest batch "
-            f"{figures['retention_longest_batch_ms']} ms (mean "
-            f"{figures['retention_mean_batch_ms']}), writes meanwhile "
-            f"{figures['writes_per_s_while_pruning']}/s, file {size_before >> 20} -> "
-            f"{figures['bytes_after_retention'] >> 20} MiB, "
-            f"{figures['bytes_free_for_reuse'] >> 20} MiB of it free for new rows"
-        )
+        if prune:
+            _prune(state, state_dir, base, writers, figures, *prune)
     finally:
         web.close()
         pipeline.close()
         for client in (source, *targets):
             client.close()
         state.close()
-    figures["status_json_after_retention_s"] = _status_seconds(config)
+    if prune:
+        figures["status_json_after_retention_s"] = _status_seconds(config)
     return figures
+
+
+def _prune(
+    state: State,
+    state_dir: Path,
+    base: str,
+    writers: _Writers,
+    figures: dict[str, Any],
+    batch: int,
+    pause: float,
+) -> None:
+    """Step 6: retention's first pass while the writers go on and the page is watched."""
+    size_before = _size(state_dir)
+    retention = Retention(state, 90, pause=pause, batch=batch)
+    figures["retention_batch"], figures["retention_pause_ms"] = batch, pause * 1000
+    held: list[float] = []
+    prune_once = state.prune
+
+    def timed_prune(before: float, limit: int) -> Pruned:
+        done = prune_once(before, limit)
+        held.append(done.seconds * 1000)
+        return done
+
+    state.prune = timed_prune  # type: ignore[method-assign]
+    latencies: dict[str, list[float]] = {"/": [], "/metrics": []}
+    watching = _Watcher(base, latencies, 1.0)
+    watching.start()
+    pruned_in: list[float] = []
+
+    def prune() -> None:
+        began = time.monotonic()
+        retention.run_once()
+        pruned_in.append(time.monotonic() - began)
+
+    pruning = threading.Thread(target=prune)
+    began = time.monotonic()
+    pruning.start()
+    written = writers.until(lambda: not pruning.is_alive())
+    figures["retention_s"] = round(pruned_in[0], 1)
+    figures["retention_rows"] = retention.pruned
+    figures["retention_batches"] = retention.batches
+    figures["retention_longest_batch_ms"] = round(retention.longest_batch * 1000, 1)
+    figures["retention_mean_batch_ms"] = round(retention.held / retention.batches * 1000, 1)
+    cuts = statistics.quantiles(held, n=1000, method="inclusive") if len(held) > 1 else held * 999
+    figures["retention_batch_ms p50 p99 p99.9"] = [round(cuts[i], 1) for i in (499, 989, 998)]
+    figures["writes_per_s_while_pruning"] = round(written / (time.monotonic() - began))
+    watching.stop()
+    for page, values in latencies.items():
+        figures[f"latency_ms while pruning {page}"] = _latency(values)
+    figures["bytes_before_retention"] = size_before
+    state._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    figures["bytes_after_retention"] = _size(state_dir)
+    free, page = (state._db.execute(f"PRAGMA {p}").fetchone()[0] for p in _FREE)
+    figures["bytes_free_for_reuse"] = free * page
+    say(
+        f"retention: {retention.pruned} rows in {figures['retention_s']} s, longest batch "
+        f"{figures['retention_longest_batch_ms']} ms (mean "
+        f"{figures['retention_mean_batch_ms']}; p50, p99, p99.9 "
+        f"{figures['retention_batch_ms p50 p99 p99.9']}), writes meanwhile "
+        f"{figures['writes_per_s_while_pruning']}/s, file {size_before >> 20} -> "
+        f"{figures['bytes_after_retention'] >> 20} MiB, "
+        f"{figures['bytes_free_for_reuse'] >> 20} MiB of it free for new rows"
+    )
 
 
 class _Writers:

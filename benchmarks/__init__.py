@@ -1,0 +1,1 @@
+"""Benchmarks, each a script run from the repository (`python benchmarks/NAME.py`)."""
