@@ -153,7 +153,7 @@ def run(
         say(f"writes unwatched: {figures['writes_per_s_unwatched']}/s")
         for how, every in (("every second", 1.0), ("back to back", 0.0)):
             latencies: dict[str, list[float]] = {"/": [], "/metrics": []}
-            watching = _Watcher(base, latencies, every)
+            watching = Watcher(base, latencies, every)
             watching.start()
             rate = writers.rate(seconds)
             watching.stop()
@@ -205,7 +205,7 @@ def _prune(
 
     state.prune = timed_prune  # type: ignore[method-assign]
     latencies: dict[str, list[float]] = {"/": [], "/metrics": []}
-    watching = _Watcher(base, latencies, 1.0)
+    watching = Watcher(base, latencies, 1.0)
     watching.start()
     pruned_in: list[float] = []
 
@@ -280,11 +280,11 @@ class _Writers:
         return sum(counts)
 
 
-class _Watcher:
+class Watcher:
     """Fetches the status page and /metrics every `every` seconds (0: back to back), timing
-    each fetch."""
+    each answered fetch (one before the server listens, or after it closed, is not counted)."""
 
-    def __init__(self, base: str, latencies: dict[str, list[float]], every: float) -> None:
+    def __init__(self, base: str, latencies: dict[str, list[float]], every: float = 1.0) -> None:
         self._every = every
         self._base = base
         self._latencies = latencies
@@ -301,11 +301,17 @@ class _Watcher:
     def _run(self) -> None:
         with requests.Session() as session:
             while not self._done.is_set():
+                answered = False
                 for page, times in self._latencies.items():
                     began = time.monotonic()
-                    session.get(self._base + page, timeout=60).raise_for_status()
+                    try:
+                        session.get(self._base + page, timeout=60).raise_for_status()
+                    except requests.ConnectionError:
+                        continue  # not listening yet, or gone
                     times.append(time.monotonic() - began)
-                self._done.wait(self._every)
+                    answered = True
+                # Until the server listens, a person's browser would be retrying too.
+                self._done.wait(self._every if answered else 0.05)
 
 
 def _config(work: Path, state_dir: Path) -> Path:

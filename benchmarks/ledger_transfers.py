@@ -39,20 +39,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import requests
-
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.ledger import TARGETS, _latency, _size  # noqa: E402
+from benchmarks.ledger import TARGETS, Watcher, _latency, _size  # noqa: E402
 from benchmarks.throughput import corpus  # noqa: E402
 from bridge.retention import DAY, Retention  # noqa: E402
 from bridge.state import State  # noqa: E402
@@ -313,39 +310,6 @@ class Bench:
             "longest_batch_ms": round(retention.longest_batch * 1000, 1),
             "mean_batch_ms": round(retention.held / max(1, retention.batches) * 1000, 2),
         }
-
-
-class Watcher:
-    """Fetches the status page and /metrics every second, timing each answered fetch (a fetch
-    before the server listens, or after it closed, is not counted)."""
-
-    def __init__(self, base: str, latencies: dict[str, list[float]]) -> None:
-        self._base = base
-        self._latencies = latencies
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        with requests.Session() as session:
-            while not self._done.is_set():
-                answered = False
-                for page, times in self._latencies.items():
-                    began = time.monotonic()
-                    try:
-                        session.get(self._base + page, timeout=30).raise_for_status()
-                    except requests.ConnectionError:
-                        continue  # not listening yet, or gone
-                    times.append(time.monotonic() - began)
-                    answered = True
-                # Until the server listens, a person's browser would be retrying too.
-                self._done.wait(1.0 if answered else 0.05)
 
 
 def renamed(files: Sequence[bytes]) -> list[bytes]:
