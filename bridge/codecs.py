@@ -19,6 +19,7 @@ from pydicom import uid
 from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 
+from bridge import frames as threaded_frames
 from bridge.codestream import check_frame
 from bridge.decoding import DECODER_STEP
 from bridge.errors import PROCESS_EXITS, DecodeError, one_line
@@ -275,51 +276,87 @@ def _offsets_fit(offsets: list[int], starts: set[int], number_of_frames: int) ->
 def iter_decoded(
     frames: list[list[memoryview]], transfer_syntax: str, spec: PixelSpec
 ) -> Iterator[DecodedFrame]:
-    """Yield each frame decoded, trying the decoder chain until one gives the right size."""
+    """Yield each frame decoded, trying the decoder chain until one gives the right size.
+
+    The frames of a multi-frame JPEG 2000 instance are decoded by several threads at once
+    where the result is the chain's (bridge.frames); the others, one by one by the chain.
+    """
     chain = _available_chain(transfer_syntax)
     if not chain:
         raise DecodeError(f"no decoder installed; needs {missing_decoder_hint(transfer_syntax)}")
-    for index, fragments in enumerate(frames):
-        encoded = fragments[0].tobytes() if len(fragments) == 1 else b"".join(fragments)
-        # Checked before any decoder sees it: decoders trust the codestream, allocate what it
-        # declares and some crash their process on a mismatch (bridge.codestream).
-        try:
-            start, end = check_frame(transfer_syntax, encoded, spec)
-        except DecodeError as exc:
-            raise DecodeError(f"frame {index}: {exc}") from None
-        if (start, end) != (0, len(encoded)):
-            # Decoders see the codestream alone: not the padding after its end marker, nor the
-            # boxes of a JP2 file around it (pydicom loops for ever on a box of length 0).
-            encoded = encoded[start:end]
-        failures: list[str] = []
-        for name in list(chain):
-            if _noted_fd is not None:
-                os.write(_noted_fd, f"{DECODER_STEP} {name} on frame {index}\n".encode())
-            try:
-                frame = _decode_one(name, encoded, transfer_syntax, spec)
-            except DecodeError as exc:
-                failures.append(f"{name}: {exc}")
-                continue
-            except PROCESS_EXITS:
-                raise
-            except BaseException as exc:  # decoders raise anything, pyo3 panics included
-                failures.append(f"{name}: {one_line(exc)}")
-                if invalid_data(name, exc):
-                    # No other decoder is given a frame found invalid (bridge.verdicts): GDCM
-                    # crashes or loops on such data, and libjpeg decodes a JPEG-LS scan that
-                    # CharLS rejects to wrong pixels, which would replace the original.
-                    raise DecodeError(
-                        f"frame {index} is invalid, no other decoder was tried "
-                        f"({'; '.join(failures)})"
-                    ) from None
-                continue
-            # Keep the decoder that worked at the head of the chain for the following frames.
-            chain.remove(name)
-            chain.insert(0, name)
-            yield frame
-            break
+    jobs = (
+        (index, _checked(index, fragments, transfer_syntax, spec))
+        for index, fragments in enumerate(frames)
+    )
+    if not threaded_frames.wanted(len(frames), transfer_syntax):
+        for index, encoded in jobs:
+            yield _by_chain(index, encoded, transfer_syntax, spec, chain)
+        return
+    dtype = np.dtype(f"<{'ui'[spec.pixel_representation]}{max(1, spec.bits_allocated // 8)}")
+    shape = (spec.rows, spec.columns)
+    if spec.samples_per_pixel != 1 or spec.bits_allocated not in (8, 16):
+        dtype = np.dtype("V1")  # never matched: the chain decodes every frame
+
+    def run(encoded: bytes) -> np.ndarray[Any, Any] | None:
+        return threaded_frames.decode(encoded, transfer_syntax, shape, dtype, spec.bits_stored)
+
+    if _noted_fd is not None:
+        os.write(_noted_fd, f"{DECODER_STEP} imagecodecs on frames 0-{len(frames) - 1}\n".encode())
+    for index, encoded, pixels in threaded_frames.ordered(jobs, run):
+        if pixels is None:
+            yield _by_chain(index, encoded, transfer_syntax, spec, chain)
         else:
-            raise DecodeError(f"frame {index} could not be decoded ({'; '.join(failures)})")
+            yield DecodedFrame(pixels, spec.photometric_interpretation)
+
+
+def _checked(
+    index: int, fragments: list[memoryview], transfer_syntax: str, spec: PixelSpec
+) -> bytes:
+    """One frame's codestream, checked against the header and trimmed to the codestream."""
+    encoded = fragments[0].tobytes() if len(fragments) == 1 else b"".join(fragments)
+    # Checked before any decoder sees it: decoders trust the codestream, allocate what it
+    # declares and some crash their process on a mismatch (bridge.codestream).
+    try:
+        start, end = check_frame(transfer_syntax, encoded, spec)
+    except DecodeError as exc:
+        raise DecodeError(f"frame {index}: {exc}") from None
+    if (start, end) != (0, len(encoded)):
+        # Decoders see the codestream alone: not the padding after its end marker, nor the
+        # boxes of a JP2 file around it (pydicom loops for ever on a box of length 0).
+        encoded = encoded[start:end]
+    return encoded
+
+
+def _by_chain(
+    index: int, encoded: bytes, transfer_syntax: str, spec: PixelSpec, chain: list[str]
+) -> DecodedFrame:
+    """One frame decoded by the first decoder of the chain that reads it; that decoder moves
+    to the head of the chain for the following frames."""
+    failures: list[str] = []
+    for name in list(chain):
+        if _noted_fd is not None:
+            os.write(_noted_fd, f"{DECODER_STEP} {name} on frame {index}\n".encode())
+        try:
+            frame = _decode_one(name, encoded, transfer_syntax, spec)
+        except DecodeError as exc:
+            failures.append(f"{name}: {exc}")
+            continue
+        except PROCESS_EXITS:
+            raise
+        except BaseException as exc:  # decoders raise anything, pyo3 panics included
+            failures.append(f"{name}: {one_line(exc)}")
+            if invalid_data(name, exc):
+                # No other decoder is given a frame found invalid (bridge.verdicts): GDCM
+                # crashes or loops on such data, and libjpeg decodes a JPEG-LS scan that
+                # CharLS rejects to wrong pixels, which would replace the original.
+                raise DecodeError(
+                    f"frame {index} is invalid, no other decoder was tried ({'; '.join(failures)})"
+                ) from None
+            continue
+        chain.remove(name)
+        chain.insert(0, name)
+        return frame
+    raise DecodeError(f"frame {index} could not be decoded ({'; '.join(failures)})")
 
 
 def _decode_one(name: str, encoded: bytes, transfer_syntax: str, spec: PixelSpec) -> DecodedFrame:

@@ -110,10 +110,12 @@ def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOpti
     # process, which only names this function, never loads it.
     convert: Callable[[bytes, TranscodeOptions], Transcoded]
     try:
+        from bridge import frames
         from bridge.codecs import note_decoder_calls
         from bridge.transcode import transcode as convert
 
         note_decoder_calls(2)
+        frames.start()
     except Exception as exc:  # a broken installation: every instance fails and says why
         convert = _failing(f"the decoders cannot be loaded: {one_line(exc)}")
 

@@ -46,8 +46,11 @@ def memory_allowance(data: bytes | bytearray, max_decoded_bytes: int) -> int:
     else:
         total = min(size.total_bytes, max_decoded_bytes)
         frame = min(size.frame_bytes, max_decoded_bytes)
-    # The file and its parsed or inflated copy, the output and an inflated dataset, one frame.
-    return HEADROOM + 2 * len(data) + 2 * total + FRAME_COPIES * frame
+    # The file and its parsed or inflated copy, the output and an inflated dataset, and the
+    # frames being decoded: one, or one more than the threads of a multi-frame instance
+    # (bridge.frames).
+    at_once = min(total // frame, _CPUS + 1) if frame else 1
+    return HEADROOM + 2 * len(data) + 2 * total + FRAME_COPIES * frame * max(1, at_once)
 
 
 def time_allowance(data: bytes | bytearray, decode_timeout: float, max_decoded_bytes: int) -> float:
@@ -60,6 +63,7 @@ def time_allowance(data: bytes | bytearray, decode_timeout: float, max_decoded_b
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
 
 def _address_space() -> int | None:
