@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.ledger import TARGETS, Watcher, _latency, _size  # noqa: E402
+from benchmarks.ledger import TARGETS, Watcher, _latency, _size, status_seconds  # noqa: E402
 from benchmarks.throughput import corpus  # noqa: E402
 from bridge.retention import DAY, Retention  # noqa: E402
 from bridge.state import State  # noqa: E402
@@ -278,19 +278,7 @@ class Bench:
 
     def status_seconds(self) -> float:
         """`status --json` as a person runs it, the bridge stopped."""
-        config = self._config(self.work, free_ports(1)[0], 90)
-        began = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "bridge", "status", "--json", "-c", str(config)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        seconds = round(time.monotonic() - began, 2)
-        if '"counts"' not in done.stdout:
-            raise SystemExit(f"status printed no counts: {done.stdout} {done.stderr}")
-        return seconds
+        return status_seconds(self._config(self.work, free_ports(1)[0], 90))
 
     def prune(self) -> dict[str, Any]:
         """Retention's pass (90 days) over the ledger, as the bridge's thread runs it."""

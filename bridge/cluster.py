@@ -191,10 +191,6 @@ class Batches:
                 self._lock.notify()
         return waiting.outcome
 
-    def transfer(self, instance_id: str) -> Entry:
-        """Send `instance_id` with the next batch and wait for its outcome."""
-        return self.send(instance_id).result()
-
     def close(self) -> None:
         """Stop sending; callers still waiting are given Interrupted."""
         with self._lock:
@@ -428,10 +424,6 @@ class ClusterTransfer:
         outcome: Future[Entry] = Future()
         self._send(item, outcome, _Tries(time.monotonic()))
         return outcome
-
-    def run(self, item: NewInstance) -> Entry:
-        """Move one instance on the cluster and wait for its outcome."""
-        return self.start(item).result()
 
     def close(self) -> None:
         """Stop handling answers; outcomes still awaited are given Interrupted."""

@@ -288,14 +288,14 @@ def iter_decoded(
         (index, _checked(index, fragments, transfer_syntax, spec))
         for index, fragments in enumerate(frames)
     )
-    if not threaded_frames.wanted(len(frames), transfer_syntax):
+    if not threaded_frames.wanted(
+        len(frames), transfer_syntax, spec.samples_per_pixel, spec.bits_allocated
+    ):
         for index, encoded in jobs:
             yield _by_chain(index, encoded, transfer_syntax, spec, chain)
         return
-    dtype = np.dtype(f"<{'ui'[spec.pixel_representation]}{max(1, spec.bits_allocated // 8)}")
+    dtype = np.dtype(f"<{'ui'[spec.pixel_representation]}{spec.bits_allocated // 8}")
     shape = (spec.rows, spec.columns)
-    if spec.samples_per_pixel != 1 or spec.bits_allocated not in (8, 16):
-        dtype = np.dtype("V1")  # never matched: the chain decodes every frame
 
     def run(encoded: bytes) -> np.ndarray[Any, Any] | None:
         return threaded_frames.decode(encoded, transfer_syntax, shape, dtype, spec.bits_stored)

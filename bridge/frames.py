@@ -48,10 +48,13 @@ def threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
 
-def wanted(frame_count: int, transfer_syntax: str) -> bool:
-    """Whether an instance's frames are worth decoding in threads here."""
+def wanted(frame_count: int, transfer_syntax: str, samples: int, bits_allocated: int) -> bool:
+    """Whether an instance's frames are worth decoding in threads here: monochrome JPEG 2000
+    in 8 or 16 bits, several frames."""
     return (
         transfer_syntax in SYNTAXES
+        and samples == 1
+        and bits_allocated in (8, 16)
         and frame_count >= MIN_FRAMES
         and threads() > 1
         and _decoder() is not None
@@ -98,14 +101,20 @@ def _fits(encoded: bytes, transfer_syntax: str, bits: int, dtype: np.dtype[Any])
 _pool: ThreadPoolExecutor | None = None
 
 
+def _threads_pool() -> ThreadPoolExecutor:
+    """The decoding process's threads, one per core, for its whole life."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(threads(), thread_name_prefix="frames")
+    return _pool
+
+
 def start() -> None:
     """Start the threads now, before any instance's address-space limit (bridge.limits): a
     thread's stack is mapped when it starts, and under a tight limit none could."""
-    global _pool
-    if _pool is None and threads() > 1:
-        _pool = ThreadPoolExecutor(threads(), thread_name_prefix="frames")
+    if threads() > 1:
         gate = threading.Barrier(threads())
-        for done in [_pool.submit(gate.wait, 5) for _ in range(threads())]:
+        for done in [_threads_pool().submit(gate.wait, 5) for _ in range(threads())]:
             done.result()
 
 
@@ -114,23 +123,19 @@ def ordered(
 ) -> Iterator[tuple[int, bytes, np.ndarray[Any, Any] | None]]:
     """(index, encoded, run(encoded)) for each job, in order, with `threads() + 1` in flight:
     memory holds that many frames, not the instance."""
-    global _pool
-    if _pool is None:  # one per decoding process, for its whole life
-        _pool = ThreadPoolExecutor(threads(), thread_name_prefix="frames")
-    assert _pool is not None
     pending: collections.deque[tuple[int, bytes, Future[np.ndarray[Any, Any] | None]]] = (
         collections.deque()
     )
     for index, encoded in jobs:
         try:
-            future = _pool.submit(run, encoded)
+            future = _threads_pool().submit(run, encoded)
         except RuntimeError:  # no thread can start (an address-space limit): the chain decides
             future = Future()
             future.set_result(None)
         pending.append((index, encoded, future))
         if len(pending) > threads():
-            done_index, done_encoded, future = pending.popleft()
-            yield done_index, done_encoded, future.result()
+            done_index, done_encoded, done = pending.popleft()
+            yield done_index, done_encoded, done.result()
     while pending:
-        done_index, done_encoded, future = pending.popleft()
-        yield done_index, done_encoded, future.result()
+        done_index, done_encoded, done = pending.popleft()
+        yield done_index, done_encoded, done.result()

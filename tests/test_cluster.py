@@ -85,7 +85,9 @@ def test_instances_go_in_batches_and_each_caller_gets_its_own_outcome() -> None:
     batches = Batches(client, a_job(), 4, threading.Event())
     try:
         with ThreadPoolExecutor(10) as pool:
-            entries = list(pool.map(batches.transfer, [f"i{n}" for n in range(10)]))
+            entries = list(
+                pool.map(lambda iid: batches.send(iid).result(), [f"i{n}" for n in range(10)])
+            )
     finally:
         batches.close()
     assert [e.instance_id for e in entries] == [f"i{n}" for n in range(10)]
@@ -100,7 +102,9 @@ def test_a_batch_that_kills_workers_is_split_until_the_culprit_is_alone() -> Non
     names = ["a", "b", "c", "bad", "e", "f", "g", "h"]
     try:
         with ThreadPoolExecutor(8) as pool:
-            entries = dict(zip(names, pool.map(batches.transfer, names), strict=True))
+            entries = dict(
+                zip(names, pool.map(lambda iid: batches.send(iid).result(), names), strict=True)
+            )
     finally:
         batches.close()
     assert entries["bad"].state == FAILED
