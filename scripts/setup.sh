@@ -8,12 +8,13 @@
 # browser), systemd (systemd-analyze verifies the unit file), prometheus (its promtool checks
 # deploy/monitoring; the server itself is never started), postgresql and orthanc-postgresql (the
 # tests start their own PostgreSQL 15 as the shared index of an Orthanc cluster; the packaged
-# service is disabled), grokj2k-tools (Grok's grk_compress and grk_decompress: signed HTJ2K
+# service is disabled), orthanc-dicomweb (Orthanc's DICOMweb plugin: the STOW-RS, WADO-RS and
+# QIDO-RS archive of the dicomweb target tests), grokj2k-tools (Grok's grk_compress and grk_decompress: signed HTJ2K
 # encoded and decoded independently of the bridge's OpenJPEG, tests/test_htj2k.py), debootstrap
 # and python3-venv. Then .venv with the project and its
 # [test,gpl,cluster] extras.
 #
-# Also a Debian 13 (trixie) root holding its Orthanc 1.12 and orthanc-postgresql, built once with
+# Also a Debian 13 (trixie) root holding its Orthanc 1.12, orthanc-postgresql and orthanc-dicomweb, built once with
 # debootstrap into ORTHANC_NEXT_ROOT (default /var/cache/orthanc-bridge/trixie, outside the repo so
 # that later runs and fresh clones reuse it): scripts/orthanc-next runs that Orthanc, and
 # scripts/test.sh runs the real-server tests against it too. DEBIAN_MIRROR overrides the mirror,
@@ -43,6 +44,7 @@ missing_packages() {
     [ -x /usr/lib/postgresql/15/bin/postgres ] && [ -x /usr/lib/postgresql/15/bin/initdb ] \
         || echo postgresql
     [ -e /usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so ] || echo orthanc-postgresql
+    [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || echo orthanc-dicomweb
     "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
     command -v debootstrap >/dev/null || echo debootstrap
 }
@@ -86,10 +88,11 @@ disable_service() {
 
 ORTHANC_NEXT_ROOT=${ORTHANC_NEXT_ROOT:-/var/cache/orthanc-bridge/trixie}
 ORTHANC_NEXT_SUITE=trixie
-ORTHANC_NEXT_PACKAGES=orthanc,orthanc-postgresql
+ORTHANC_NEXT_PACKAGES=orthanc,orthanc-postgresql,orthanc-dicomweb
 # What makes a finished root: a build without them is rebuilt (a root from before a package was
 # added to the list above), never patched.
-ORTHANC_NEXT_FILES=(usr/sbin/Orthanc usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so)
+ORTHANC_NEXT_FILES=(usr/sbin/Orthanc usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so
+    usr/share/orthanc/plugins/libOrthancDicomWeb.so)
 
 orthanc_next_complete() {
     local file
