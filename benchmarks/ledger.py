@@ -48,11 +48,11 @@ if str(REPO) not in sys.path:
 
 from bridge.cli import _clients  # noqa: E402
 from bridge.config import load  # noqa: E402
-from bridge.pipeline import Pipeline  # noqa: E402
-from bridge.retention import BATCH, DAY, PAUSE, Retention  # noqa: E402
-from bridge.retry import RetryPolicy  # noqa: E402
-from bridge.state import CONVERTED, Delivery, Entry, Pruned, State  # noqa: E402
-from bridge.web import WebServer  # noqa: E402
+from bridge.engine.pipeline import Pipeline  # noqa: E402
+from bridge.ledger.retention import BATCH, DAY, PAUSE, Retention  # noqa: E402
+from bridge.ledger.state import CONVERTED, Delivery, Entry, Pruned, State  # noqa: E402
+from bridge.peers.retry import RetryPolicy  # noqa: E402
+from bridge.watch.web import WebServer  # noqa: E402
 from tests import ledger_support  # noqa: E402
 from tests.orthanc import free_ports  # noqa: E402
 

@@ -21,18 +21,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from bridge import __version__, logs, progress
+from bridge import __version__
 from bridge.config import Config, load
+from bridge.engine.inventory import Inventory, read_ahead
+from bridge.engine.pipeline import Pipeline, Summary
 from bridge.errors import BridgeError, ConfigError, StateError
-from bridge.inventory import Inventory, read_ahead
-from bridge.orthanc import OrthancClient
-from bridge.pipeline import Pipeline, Summary
-from bridge.retention import Retention
-from bridge.retry import RetryPolicy, no_retry
+from bridge.ledger.retention import Retention
+from bridge.ledger.state import PENDING, PROBLEMS, State
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import RetryPolicy, no_retry
 from bridge.routing import needs
-from bridge.sdnotify import Watchdog
-from bridge.state import PENDING, PROBLEMS, State
-from bridge.web import WebServer
+from bridge.watch import logs, progress
+from bridge.watch.sdnotify import Watchdog
+from bridge.watch.web import WebServer
 
 log = logging.getLogger("bridge")
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from bridge.cpus import usable_cpus
+from bridge.decoding.cpus import usable_cpus
 from bridge.errors import ConfigError
 from bridge.routing import Rule, parse_rules
 
@@ -73,7 +73,7 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """A Dask scheduler to send the transfers to (bridge.cluster)."""
+    """A Dask scheduler to send the transfers to (bridge.engine.cluster)."""
 
     scheduler: str  # tcp://host:8786 or tls://host:8786
     tls_ca_file: str | None = None

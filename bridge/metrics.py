@@ -1,5 +1,5 @@
 """Every metric the bridge exports, defined here with its help text; the code that does the
-work updates them, and the HTTP server (bridge.web) only renders them.
+work updates them, and the HTTP server (bridge.watch.web) only renders them.
 
 The names are a contract with users' dashboards and alert rules (deploy/monitoring): never
 rename one. Labels are bounded: outcomes, stages, server roles, and transfer syntax UIDs from a
@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from bridge import __version__
 
 if TYPE_CHECKING:
-    from bridge.state import Delivery
+    from bridge.ledger.state import Delivery
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # memory, CPU and open files of the main process

@@ -16,15 +16,15 @@ import pytest
 import requests
 
 from bridge import __version__
-from bridge.cluster import Batches, ClusterTransfer, check_versions
 from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN, ServerConfig, TargetConfig
-from bridge.decoding import TranscodeOptions
+from bridge.decoding.pool import TranscodeOptions
+from bridge.engine.cluster import Batches, ClusterTransfer, check_versions
+from bridge.engine.remote import Job, job
 from bridge.errors import ConfigError, Interrupted, ServerUnavailable
-from bridge.feed import NewInstance
-from bridge.orthanc import OrthancClient
-from bridge.remote import Job, job
-from bridge.retry import RetryPolicy
-from bridge.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, State
+from bridge.ledger.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, State
+from bridge.peers.feed import NewInstance
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import RetryPolicy
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.dask_cluster import DaskCluster
@@ -321,8 +321,8 @@ def test_the_coordinator_keeps_a_few_threads_however_many_instances_are_in_fligh
 ) -> None:
     """64 Dask threads take 2,048 instances in flight (batches of 16, two per thread): the
     coordinator waits for them with callbacks, not a thread each (before: 2,050 threads)."""
-    from bridge import pipeline as pipeline_module
     from bridge.config import load
+    from bridge.engine import pipeline as pipeline_module
 
     client = FakeClient(threads=64)
     monkeypatch.setattr(pipeline_module, "connect", lambda config: client)

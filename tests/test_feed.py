@@ -7,8 +7,8 @@ from __future__ import annotations
 import threading
 from typing import cast
 
-from bridge import feed
-from bridge.orthanc import Change, ChangesPage, OrthancClient
+from bridge.peers import feed
+from bridge.peers.orthanc import Change, ChangesPage, OrthancClient
 
 
 class LateLog:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.decoding import DecoderPool, TranscodeOptions
+from bridge.decoding.pool import DecoderPool, TranscodeOptions
 from bridge.errors import DecodeError, TooLarge
 from tests import bridgectl, hostile
 from tests.orthanc import OrthancServer

@@ -14,9 +14,9 @@ from typing import Any, cast
 
 from bridge.cli import _clients
 from bridge.config import load
-from bridge.pipeline import Pipeline
-from bridge.retry import RetryPolicy
-from bridge.state import CONVERTED, State
+from bridge.engine.pipeline import Pipeline
+from bridge.ledger.state import CONVERTED, State
+from bridge.peers.retry import RetryPolicy
 from tests import bridgectl
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer
 

@@ -272,7 +272,7 @@ def test_progress_bar_on_a_terminal_and_lines_in_a_log(
     logged = source.changes_last() - last  # at least; Stable* changes may follow (StableAge)
     result = bridgectl.run("catch-up", config, source, target)
     assert result.returncode == 0, result.stderr
-    progress = [line for line in result.stderr.splitlines() if "bridge.progress" in line]
+    progress = [line for line in result.stderr.splitlines() if "bridge.watch.progress" in line]
     assert progress, result.stderr
     final = re.match(r"(\d+)/(\d+) changes \(100%\)", progress[-1].split("catch-up: ", 1)[1])
     assert final and final[1] == final[2] and int(final[1]) >= logged, progress[-1]

@@ -15,7 +15,6 @@ from typing import ClassVar
 import pydicom
 import pytest
 
-from bridge import feed
 from bridge.config import ServerConfig
 from bridge.errors import (
     AccessDenied,
@@ -25,8 +24,9 @@ from bridge.errors import (
     Rejected,
     ServerUnavailable,
 )
-from bridge.orthanc import ChangesPage, OrthancClient, instance_id
-from bridge.retry import RetryPolicy, no_retry
+from bridge.peers import feed
+from bridge.peers.orthanc import ChangesPage, OrthancClient, instance_id
+from bridge.peers.retry import RetryPolicy, no_retry
 from tests.orthanc import OrthancServer, free_ports, pydicom_test_files
 
 

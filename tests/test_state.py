@@ -11,15 +11,15 @@ from typing import Any, cast
 
 import pytest
 
-from bridge.budget import ByteBudget, Holding
 from bridge.config import ServerConfig, TargetConfig
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
+from bridge.decoding.pool import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
+from bridge.engine.budget import ByteBudget, Holding
+from bridge.engine.pipeline import Progress
+from bridge.engine.transfer import Destination, Transfer
 from bridge.errors import Interrupted, StateError
-from bridge.feed import NewInstance
-from bridge.orthanc import OrthancClient, Stored
-from bridge.pipeline import Progress
-from bridge.state import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, State
-from bridge.transfer import Destination, Transfer
+from bridge.ledger.state import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, State
+from bridge.peers.feed import NewInstance
+from bridge.peers.orthanc import OrthancClient, Stored
 from tests.polling import wait_for
 
 

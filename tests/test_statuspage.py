@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.statuspage import OUTCOMES, ProblemView, ServerView, StatusView, render
+from bridge.watch.statuspage import OUTCOMES, ProblemView, ServerView, StatusView, render
 from tests import browser
 from tests.browser import render_page
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from bridge.errors import StateError
-from bridge.state import State
+from bridge.ledger.state import State
 
 log = logging.getLogger(__name__)
 

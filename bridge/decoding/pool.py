@@ -3,7 +3,7 @@
 No JPEG 2000 decoder releases the GIL, so decoding runs in worker processes. This module is
 also the boundary the instances cross: the types sent to and from the workers live here, so
 that the main process never imports pydicom, numpy or the codecs (about 0.2 s of start-up and
-a hundred MB it does not need); only the zygote (bridge.zygote) and its workers do.
+a hundred MB it does not need); only the zygote (bridge.decoding.zygote) and its workers do.
 
 Each worker owns a pair of pipes and decodes one instance at a time, with the next one already
 waiting in its pipe. The files cross the pipes as raw bytes, never pickled (a decoded one is read
@@ -29,9 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from bridge import metrics, zygote
+from bridge import metrics
+from bridge.decoding import zygote
+from bridge.decoding.limits import address_space_limited, memory_allowance, time_allowance
 from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted, one_line
-from bridge.limits import address_space_limited, memory_allowance, time_allowance
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ DEPTH = 2
 _PIPE_BYTES = 1024 * 1024
 # Workers lost while this instance waited in them, whoever's fault, before it is given up.
 _MAX_LOSSES = 5
-# A worker notes each decoder call in its stderr before making it (see bridge.codecs), so that
+# A worker notes each decoder call in its stderr before making it (see bridge.dicom.codecs), so that
 # a crash can be pinned on the decoder and frame that caused it.
 DECODER_STEP = "orthanc-bridge decoding step:"
 # Deaths that a decoder causes itself on an input, and will cause again: not worth a retry.
@@ -57,7 +58,9 @@ class TranscodeOptions:
 
     max_decoded_bytes: int = 2 * 1024**3  # refuse bigger instances before allocating
     forward_unchanged: frozenset[str] = frozenset()  # undecodable syntaxes to pass through as-is
-    decode_timeout: float = 80.0  # seconds per 100 MiB of work (bridge.limits.time_allowance)
+    decode_timeout: float = (
+        80.0  # seconds per 100 MiB of work (bridge.decoding.limits.time_allowance)
+    )
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,7 @@ class _WorkerDied(Exception):
 def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOptions) -> None:
     """A worker's whole life: decode every file that arrives in `inbox` until it closes."""
     # Ctrl-C and a supervisor's SIGTERM may reach the whole process group; only the bridge
-    # decides how to stop (see bridge.zygote, which ignores them already when it forks us).
+    # decides how to stop (see bridge.decoding.zygote, which ignores them already when it forks us).
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
     # What decoders print (OpenJPEG's complaints, a Rust panic's backtrace, GDCM's last words
@@ -110,9 +113,9 @@ def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOpti
     # process, which only names this function, never loads it.
     convert: Callable[[bytes, TranscodeOptions], Transcoded]
     try:
-        from bridge import frames
-        from bridge.codecs import note_decoder_calls
-        from bridge.transcode import transcode as convert
+        from bridge.dicom import frames
+        from bridge.dicom.codecs import note_decoder_calls
+        from bridge.dicom.transcode import transcode as convert
 
         note_decoder_calls(2)
         frames.start()

@@ -1,7 +1,7 @@
 """systemd's notify protocol, for `Type=notify` with `WatchdogSec=`: a few lines, no library.
 
 READY=1 once the bridge works, STATUS= with what it does, WATCHDOG=1 at half the watchdog
-period but only while the feed loop turns (bridge.health), so that systemd restarts a bridge
+period but only while the feed loop turns (bridge.watch.health), so that systemd restarts a bridge
 that is stuck, not merely one waiting for a server, and STOPPING=1 on the way out. Outside
 systemd (no NOTIFY_SOCKET) every call does nothing.
 """

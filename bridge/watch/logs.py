@@ -1,7 +1,7 @@
 """Logging set-up: readable lines, or one JSON object per line for Loki and Elasticsearch.
 
 A JSON line carries timestamp (ISO 8601, UTC), level, logger and message, and for an
-instance's outcome also instance, outcome, source_syntax and ms: the fields bridge.transfer
+instance's outcome also instance, outcome, source_syntax and ms: the fields bridge.engine.transfer
 passes as `extra`, so a log query can filter on them without parsing the message.
 """
 

@@ -20,7 +20,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID
 
-from bridge.codecs import (
+from bridge.decoding.limits import address_space_limit
+from bridge.decoding.pool import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded, TranscodeOptions
+from bridge.dicom.codecs import (
     DECODER_CHAINS,
     DecodedFrame,
     PixelSpec,
@@ -29,8 +31,7 @@ from bridge.codecs import (
     missing_decoder_hint,
     split_frames,
 )
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded, TranscodeOptions
-from bridge.dicomfile import (
+from bridge.dicom.dicomfile import (
     PIXEL_DATA,
     Parsed,
     parse,
@@ -40,6 +41,8 @@ from bridge.dicomfile import (
     swap_to_little_endian,
     transfer_syntax_of,
 )
+from bridge.dicom.header import image_size
+from bridge.dicom.lossy import lossy_method
 from bridge.errors import (
     PROCESS_EXITS,
     BridgeError,
@@ -48,9 +51,6 @@ from bridge.errors import (
     UnsupportedSyntax,
     one_line,
 )
-from bridge.header import image_size
-from bridge.limits import address_space_limit
-from bridge.lossy import lossy_method
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from bridge.errors import one_line
 if TYPE_CHECKING:
     import subprocess
 
-# What every worker needs imported: the transcoder (see bridge/preload.py).
-PRELOAD = "bridge.preload"
+# What every worker needs imported: the transcoder (see bridge/decoding/preload.py).
+PRELOAD = "bridge.decoding.preload"
 
 _PID = struct.Struct("=q")
 _CODE = struct.Struct("=i")
@@ -115,7 +115,7 @@ class Zygote:
         else:
             import subprocess  # only here: 5 ms of the bridge's start-up
 
-            code = f"import bridge.zygote as z; z.main({theirs.fileno()}, {preload!r})"
+            code = f"import bridge.decoding.zygote as z; z.main({theirs.fileno()}, {preload!r})"
             self._popen = subprocess.Popen(
                 [sys.executable, "-c", code], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL
             )

@@ -23,8 +23,8 @@ import struct
 from dataclasses import dataclass
 from typing import Protocol
 
+from bridge.dicom.jpegls_presets import Presets, check_presets
 from bridge.errors import DecodeError
-from bridge.jpegls_presets import Presets, check_presets
 
 _JPEG = {
     "1.2.840.10008.1.2.4.50",  # Baseline
@@ -65,7 +65,7 @@ _MAX_TILES = 65535  # Isot is 16 bits wide (T.800 A.4.2)
 
 
 class ImageHeader(Protocol):
-    """The Image Pixel attributes a frame is compared with (bridge.codecs.PixelSpec)."""
+    """The Image Pixel attributes a frame is compared with (bridge.dicom.codecs.PixelSpec)."""
 
     @property
     def rows(self) -> int: ...

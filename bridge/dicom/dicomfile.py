@@ -14,10 +14,10 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from bridge.codecs import find_sequence_end
+from bridge.dicom.codecs import find_sequence_end
+from bridge.dicom.header import LONG_VRS
+from bridge.dicom.vr import resolve as resolve_vrs
 from bridge.errors import DecodeError, TooLarge
-from bridge.header import LONG_VRS
-from bridge.vr import resolve as resolve_vrs
 
 # An element the sender wrote with VR UN is kept as UN, byte for byte, as DCMTK does: pydicom
 # would otherwise re-encode it with the dictionary's VR, and when that element is an identifier

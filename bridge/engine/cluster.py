@@ -4,7 +4,7 @@ The pipeline keeps the feed, the cursor and the ledger here. `ClusterTransfer.st
 instance to a `Batches` queue, which sends small batches of IDs as Dask tasks (Dask costs about
 1 ms per task, a CT slice 25 ms of decoding) and resolves each instance's own future when its
 batch answers; no thread waits per instance. Workers download, transcode, upload and verify
-(bridge.remote); only the decision to delete an original is taken here, in a few threads of
+(bridge.engine.remote); only the decision to delete an original is taken here, in a few threads of
 our own, after the worker verified the copy, exactly as on one machine.
 
 Failures: a lost worker costs Dask a re-execution elsewhere (our transfers are idempotent). A
@@ -29,13 +29,13 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import ClusterConfig
+from bridge.engine.remote import DASK_SETTINGS, Job, transfer_batch, version, warm
+from bridge.engine.transfer import outcome_fields
 from bridge.errors import AccessDenied, ConfigError, Interrupted, TransientError, one_line
-from bridge.feed import NewInstance
-from bridge.orthanc import OrthancClient
-from bridge.remote import DASK_SETTINGS, Job, transfer_batch, version, warm
-from bridge.retry import RetryPolicy, note_retry
-from bridge.state import DELETING, FAILED, Entry
-from bridge.transfer import outcome_fields
+from bridge.ledger.state import DELETING, FAILED, Entry
+from bridge.peers.feed import NewInstance
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import RetryPolicy, note_retry
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class Batches:
         return None
 
     def _warm(self) -> None:
-        """Have every worker start its decoding process now (bridge.remote.warm)."""
+        """Have every worker start its decoding process now (bridge.engine.remote.warm)."""
         try:
             answers = self._client.run(warm, self._job, on_error="return")
         except Exception as exc:  # the first batches will say what is wrong

@@ -19,11 +19,11 @@ from pydicom import uid
 from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 
-from bridge import frames as threaded_frames
-from bridge.codestream import check_frame
-from bridge.decoding import DECODER_STEP
+from bridge.decoding.pool import DECODER_STEP
+from bridge.dicom import frames as threaded_frames
+from bridge.dicom.codestream import check_frame
+from bridge.dicom.verdicts import invalid_data
 from bridge.errors import PROCESS_EXITS, DecodeError, one_line
-from bridge.verdicts import invalid_data
 
 ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
 
@@ -279,7 +279,7 @@ def iter_decoded(
     """Yield each frame decoded, trying the decoder chain until one gives the right size.
 
     The frames of a multi-frame JPEG 2000 instance are decoded by several threads at once
-    where the result is the chain's (bridge.frames); the others, one by one by the chain.
+    where the result is the chain's (bridge.dicom.frames); the others, one by one by the chain.
     """
     chain = _available_chain(transfer_syntax)
     if not chain:
@@ -315,7 +315,7 @@ def _checked(
     """One frame's codestream, checked against the header and trimmed to the codestream."""
     encoded = fragments[0].tobytes() if len(fragments) == 1 else b"".join(fragments)
     # Checked before any decoder sees it: decoders trust the codestream, allocate what it
-    # declares and some crash their process on a mismatch (bridge.codestream).
+    # declares and some crash their process on a mismatch (bridge.dicom.codestream).
     try:
         start, end = check_frame(transfer_syntax, encoded, spec)
     except DecodeError as exc:
@@ -346,7 +346,7 @@ def _by_chain(
         except BaseException as exc:  # decoders raise anything, pyo3 panics included
             failures.append(f"{name}: {one_line(exc)}")
             if invalid_data(name, exc):
-                # No other decoder is given a frame found invalid (bridge.verdicts): GDCM
+                # No other decoder is given a frame found invalid (bridge.dicom.verdicts): GDCM
                 # crashes or loops on such data, and libjpeg decodes a JPEG-LS scan that
                 # CharLS rejects to wrong pixels, which would replace the original.
                 raise DecodeError(

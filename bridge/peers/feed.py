@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bridge.errors import FeedResetError
-from bridge.orthanc import Change, ChangesPage, OrthancClient
+from bridge.peers.orthanc import Change, ChangesPage, OrthancClient
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import logging
 import struct
 
 from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN
+from bridge.dicom.header import LONG_VRS
 from bridge.errors import DecodeError, one_line
-from bridge.header import LONG_VRS
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class _Unusual(Exception):
 def to_implicit(data: bytes | bytearray) -> bytes:
     """The Part-10 file `data` (native, little endian) rewritten in Implicit VR Little Endian."""
     # pydicom only now: the main process never loads it unless a target asks for this.
-    from bridge.dicomfile import read_meta
+    from bridge.dicom.dicomfile import read_meta
 
     buf = memoryview(data)
     meta, start = read_meta(buf)
@@ -154,7 +154,7 @@ def _through_pydicom(data: bytes | bytearray) -> bytes:
     import pydicom
     from pydicom.uid import UID
 
-    # An element the sender wrote as UN stays UN: bridge.dicomfile, imported by now, says so.
+    # An element the sender wrote as UN stays UN: bridge.dicom.dicomfile, imported by now, says so.
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
         dataset.file_meta.TransferSyntaxUID = UID(IMPLICIT_VR_LITTLE_ENDIAN)

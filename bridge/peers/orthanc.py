@@ -31,7 +31,7 @@ from bridge.errors import (
     Rejected,
     ServerUnavailable,
 )
-from bridge.retry import RetryPolicy
+from bridge.peers.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 

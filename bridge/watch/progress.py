@@ -21,7 +21,7 @@ from typing import TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-log = logging.getLogger("bridge.progress")
+log = logging.getLogger("bridge.watch.progress")
 
 # (done, total); total 0 while unknown.
 Reading = Callable[[], tuple[int, int]]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydicom import uid
 
-from bridge.lossy import lossy_method
+from bridge.dicom.lossy import lossy_method
 
 # The syntaxes whose frames may take this path (HTJ2K decodes 17-24 times faster already).
 SYNTAXES = frozenset({uid.JPEG2000Lossless, uid.JPEG2000})
@@ -110,7 +110,7 @@ def _threads_pool() -> ThreadPoolExecutor:
 
 
 def start() -> None:
-    """Start the threads now, before any instance's address-space limit (bridge.limits): a
+    """Start the threads now, before any instance's address-space limit (bridge.decoding.limits): a
     thread's stack is mapped when it starts, and under a tight limit none could."""
     if threads() > 1:
         gate = threading.Barrier(threads())

@@ -20,9 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.budget import ByteBudget
 from bridge.config import EXPLICIT_VR_LITTLE_ENDIAN, TargetConfig
-from bridge.decoding import Transcoded
+from bridge.decoding.pool import Transcoded
+from bridge.dicom.header import transfer_syntax
+from bridge.dicom.implicit import to_implicit
+from bridge.engine.budget import ByteBudget
 from bridge.errors import (
     Interrupted,
     NotFound,
@@ -31,13 +33,7 @@ from bridge.errors import (
     VerificationFailed,
     readable,
 )
-from bridge.feed import NewInstance
-from bridge.header import transfer_syntax
-from bridge.implicit import to_implicit
-from bridge.metrics import STAGE
-from bridge.orthanc import OrthancClient
-from bridge.routing import CONVERT, FORWARD, SKIP, Facts, action_for
-from bridge.state import (
+from bridge.ledger.state import (
     CONVERTED,
     DELETING,
     FAILED,
@@ -48,6 +44,10 @@ from bridge.state import (
     Delivery,
     Entry,
 )
+from bridge.metrics import STAGE
+from bridge.peers.feed import NewInstance
+from bridge.peers.orthanc import OrthancClient
+from bridge.routing import CONVERT, FORWARD, SKIP, Facts, action_for
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class Transfer:
     # The bytes a file's decoded copy will take, as far as its header tells (0 when it cannot).
     decoded_size: Callable[[bytes], int]
     # False on a cluster worker: it verifies as if it were to delete, and the coordinator, which
-    # keeps the ledger, deletes the original (bridge.cluster).
+    # keeps the ledger, deletes the original (bridge.engine.cluster).
     deletes: bool = True
     _routed: bool = field(default=False, init=False)
 
@@ -327,7 +327,7 @@ def _since(started: float) -> float:
 
 
 def outcome_fields(iid: str, outcome: str, syntax: str | None, started: float) -> dict[str, object]:
-    """The fields of an instance's outcome that JSON logs carry (bridge.logs.EVENT_FIELDS)."""
+    """The fields of an instance's outcome that JSON logs carry (bridge.watch.logs.EVENT_FIELDS)."""
     return {
         "instance": iid,
         "outcome": outcome,

@@ -16,11 +16,14 @@ from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from bridge import feed, metrics
-from bridge.budget import ByteBudget
-from bridge.cluster import Batches, ClusterTransfer, connect
+from bridge import metrics
 from bridge.config import MIB, Config
-from bridge.decoding import DecoderPool, TranscodeOptions
+from bridge.decoding.pool import DecoderPool, TranscodeOptions
+from bridge.dicom.header import decoded_size
+from bridge.engine.budget import ByteBudget
+from bridge.engine.cluster import Batches, ClusterTransfer, connect
+from bridge.engine.remote import job
+from bridge.engine.transfer import Destination, Transfer
 from bridge.errors import (
     AccessDenied,
     FeedResetError,
@@ -29,13 +32,11 @@ from bridge.errors import (
     TransientError,
     one_line,
 )
-from bridge.header import decoded_size
-from bridge.health import Health, Throughput
+from bridge.ledger.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
 from bridge.metrics import WAITING
-from bridge.orthanc import ChangesPage, OrthancClient
-from bridge.remote import job
-from bridge.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
-from bridge.transfer import Destination, Transfer
+from bridge.peers import feed
+from bridge.peers.orthanc import ChangesPage, OrthancClient
+from bridge.watch.health import Health, Throughput
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,8 @@ class Progress:
 
 
 class Mover(Protocol):
-    """Moves instances: _Threads around bridge.transfer.Transfer here,
-    bridge.cluster.ClusterTransfer on a Dask cluster."""
+    """Moves instances: _Threads around bridge.engine.transfer.Transfer here,
+    bridge.engine.cluster.ClusterTransfer on a Dask cluster."""
 
     def start(self, item: feed.NewInstance) -> Future[Entry]:
         """Begin moving one instance; the future holds its outcome, or the TransientError,

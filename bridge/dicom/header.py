@@ -2,7 +2,7 @@
 
 The byte budget must count a decoded copy before it exists: a transfer thread that waited for
 room only after reading its decoded file from a worker would hold that file uncounted meanwhile.
-pydicom is not loaded here (it stays in the decoding processes, see bridge.decoding), so this
+pydicom is not loaded here (it stays in the decoding processes, see bridge.decoding.pool), so this
 walks the few elements before (0028,0100) itself. Anything it cannot read simply returns None:
 the budget then counts the decoded copy when it arrives, as it always does.
 """

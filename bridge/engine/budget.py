@@ -7,7 +7,8 @@ other to leave room for its decoded copy, would wait for ever. So memory stays b
 plus one instance, and a single instance larger than the whole budget still gets through.
 
 The bytes an instance holds are its compressed file and, from before it is decoded, the size
-its header declares for the decoded copy (bridge.header): a copy that exists is always counted.
+its header declares for the decoded copy (bridge.dicom.header): a copy that exists is always
+counted.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Whether a decoder refused a frame because its data is invalid, or because it lacks a feature.
 
-The decoder chains (bridge.codecs) fall back to the next decoder when one fails. That is right
+The decoder chains (bridge.dicom.codecs) fall back to the next decoder when one fails. That is right
 when the first lacks a feature (pydicom's GDCM plugin refuses 12-bit JPEG, which the direct GDCM
 call reads), and wrong when the first found the data invalid: the next may be GDCM, which
 aborts, segfaults or loops for ever on such frames (a JPEG-LS frame CharLS calls invalid kept

@@ -1,4 +1,4 @@
-"""What a Dask worker runs: a batch of instance IDs in, their outcomes out (bridge.cluster).
+"""What a Dask worker runs: a batch of instance IDs in, their outcomes out (bridge.engine.cluster).
 
 A worker is a plain `dask worker` process with orthanc-bridge installed. Everything it needs
 besides the IDs comes in the `Job` sent with each task, except credentials: those it reads
@@ -6,8 +6,8 @@ from its own environment (BRIDGE_SOURCE_USERNAME, BRIDGE_SOURCE_PASSWORD, BRIDGE
 so that no password crosses the scheduler. Pixel data goes from the source to the worker to
 the target: never through the scheduler or the coordinator, which get only `Entry` outcomes.
 
-The worker downloads, transcodes, uploads and verifies, exactly as bridge.transfer does on one
-machine; it never deletes an original. The coordinator keeps the ledger and decides that.
+The worker downloads, transcodes, uploads and verifies, exactly as bridge.engine.transfer does on
+one machine; it never deletes an original. The coordinator keeps the ledger and decides that.
 """
 
 from __future__ import annotations
@@ -21,16 +21,17 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 
-from bridge import __version__, zygote
-from bridge.budget import ByteBudget
+from bridge import __version__
 from bridge.config import ServerConfig, TargetConfig, target_env_prefix
-from bridge.decoding import DecoderPool, TranscodeOptions
-from bridge.feed import NewInstance
-from bridge.header import decoded_size
-from bridge.orthanc import OrthancClient
-from bridge.retry import RetryPolicy
-from bridge.state import Entry
-from bridge.transfer import Destination, Transfer
+from bridge.decoding import zygote
+from bridge.decoding.pool import DecoderPool, TranscodeOptions
+from bridge.dicom.header import decoded_size
+from bridge.engine.budget import ByteBudget
+from bridge.engine.transfer import Destination, Transfer
+from bridge.ledger.state import Entry
+from bridge.peers.feed import NewInstance
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def version() -> str:
 
 
 def dask_setup(worker: object) -> None:
-    """`dask worker --preload bridge.remote`: start the decoders' parent with the worker.
+    """`dask worker --preload bridge.engine.remote`: start the decoders' parent with the worker.
 
     It imports the decoders (0.5 s) long before the first batch arrives, instead of when the
     coordinator connects (`warm`); the decoding processes are then forked from it at once.
@@ -104,7 +105,7 @@ def dask_setup(worker: object) -> None:
 def warm(job: Job) -> None:
     """Get ready for `job`'s tasks: connections set up, decoding process started.
 
-    Run on every worker when the coordinator connects (bridge.cluster), as one machine forks
+    Run on every worker when the coordinator connects (bridge.engine.cluster), as one machine forks
     its decoding processes at start: they import the decoders while the feed reads its first
     page, instead of when the first batch arrives.
     """
@@ -225,7 +226,7 @@ def _keep_decoders_memory() -> None:
 
     Dask's nanny starts its worker with MALLOC_TRIM_THRESHOLD_=65536, so that a worker hands
     memory back between tasks; the decoding processes inherited it and gave their buffers back
-    after every instance, to page them in again for the next (bridge.zygote keeps 32 MiB
+    after every instance, to page them in again for the next (bridge.decoding.zygote keeps 32 MiB
     instead, and honours a variable the user set). Measured: 20.6 against 18.6 to 19.1 CPU s
     of decoding for 400 CT slices (8 to 10% more). A value of the user's own is left alone.
     """

@@ -26,11 +26,11 @@ from prometheus_client.exposition import choose_encoder
 
 from bridge import __version__, metrics
 from bridge.config import Config, HttpConfig
+from bridge.engine.pipeline import Pipeline
 from bridge.errors import ConfigError, one_line
-from bridge.orthanc import OrthancClient
-from bridge.pipeline import Pipeline
-from bridge.state import PENDING, PROBLEMS
-from bridge.statuspage import ProblemView, ServerView, StatusView, render
+from bridge.ledger.state import PENDING, PROBLEMS
+from bridge.peers.orthanc import OrthancClient
+from bridge.watch.statuspage import ProblemView, ServerView, StatusView, render
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from bridge.errors import BridgeError
-from bridge.orthanc import OrthancClient
-from bridge.retry import RetryPolicy
-from bridge.state import State
+from bridge.ledger.state import State
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import RetryPolicy
 
 # A server that has not answered for this long, even between transfers, is not ready.
 READY_WINDOW = 30.0

@@ -1,12 +1,12 @@
 """How much memory and time one instance may cost its decoding process.
 
-Both follow from what the instance's header declares (bridge.header), so that a small file
+Both follow from what the instance's header declares (bridge.dicom.header), so that a small file
 whose codestream lies about its size costs what a small file costs:
 
 - Memory: before each instance a decoding process lowers its own address-space limit
   (RLIMIT_AS) to what it uses already plus the instance's allowance. A decoder that allocates
   beyond it fails that instance ("decoding needed more memory than ..."), instead of taking
-  gigabytes from the host. This is the second line of defence; the first is bridge.codestream.
+  gigabytes from the host. This is the second line of defence; the first is bridge.dicom.codestream.
 - Time: the bridge stops a decoding process that spends longer than the instance's allowance
   on it, replaces it, and records the instance as failed.
 """
@@ -17,7 +17,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-from bridge.header import image_size
+from bridge.dicom.header import image_size
 
 MIB = 1024 * 1024
 # Room for the decoder's own structures and Python's, whatever the image. Measured (VmPeak
@@ -48,7 +48,7 @@ def memory_allowance(data: bytes | bytearray, max_decoded_bytes: int) -> int:
         frame = min(size.frame_bytes, max_decoded_bytes)
     # The file and its parsed or inflated copy, the output and an inflated dataset, and the
     # frames being decoded: one, or one more than the threads of a multi-frame instance
-    # (bridge.frames).
+    # (bridge.dicom.frames).
     at_once = min(total // frame, _CPUS + 1) if frame else 1
     return HEADROOM + 2 * len(data) + 2 * total + FRAME_COPIES * frame * max(1, at_once)
 
