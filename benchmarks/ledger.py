@@ -50,7 +50,8 @@ from bridge.cli import _clients  # noqa: E402
 from bridge.config import load  # noqa: E402
 from bridge.engine.pipeline import Pipeline  # noqa: E402
 from bridge.ledger.retention import BATCH, DAY, PAUSE, Retention  # noqa: E402
-from bridge.ledger.state import CONVERTED, Delivery, Entry, Pruned, State  # noqa: E402
+from bridge.ledger.state import Pruned, State  # noqa: E402
+from bridge.outcomes import CONVERTED, Delivery, Entry  # noqa: E402
 from bridge.peers.retry import RetryPolicy  # noqa: E402
 from bridge.watch.web import WebServer  # noqa: E402
 from tests import ledger_support  # noqa: E402

@@ -78,7 +78,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bridge.decoding.pool import DecoderPool, TranscodeOptions  # noqa: E402
+from bridge.decoding.pool import DecoderPool  # noqa: E402
+from bridge.jobs import TranscodeOptions  # noqa: E402
 from bridge.peers.orthanc import instance_id  # noqa: E402
 from tests.dask_cluster import DaskCluster  # noqa: E402
 from tests.orthanc import OrthancServer, cpu_seconds, free_ports  # noqa: E402

@@ -27,7 +27,8 @@ from bridge.engine.inventory import Inventory, read_ahead
 from bridge.engine.pipeline import Pipeline, Summary
 from bridge.errors import BridgeError, ConfigError, StateError
 from bridge.ledger.retention import Retention
-from bridge.ledger.state import PENDING, PROBLEMS, State
+from bridge.ledger.state import State
+from bridge.outcomes import PENDING, PROBLEMS
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.retry import RetryPolicy, no_retry
 from bridge.routing import needs

@@ -22,6 +22,7 @@ import yaml
 from bridge.decoding.cpus import usable_cpus
 from bridge.errors import ConfigError
 from bridge.routing import Rule, parse_rules
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN, OUTPUT_SYNTAXES
 
 RESET_POLICIES = ("stop", "rewind")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -51,13 +52,6 @@ class ServerConfig:
         object.__setattr__(self, "url", nodes[0])
 
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-# What a target may receive converted instances in.
-OUTPUT_SYNTAXES = {
-    EXPLICIT_VR_LITTLE_ENDIAN: "Explicit VR Little Endian",
-    IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR Little Endian",
-}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 

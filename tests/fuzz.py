@@ -54,10 +54,10 @@ from pydicom.datadict import dictionary_VR
 from pydicom.encaps import encapsulate
 
 import bridge.dicom.codecs
-from bridge.decoding.pool import TranscodeOptions
 from bridge.dicom.header import decoded_size
 from bridge.dicom.transcode import transcode
 from bridge.errors import BridgeError
+from bridge.jobs import TranscodeOptions
 
 MIB = 1024 * 1024
 KINDS = ("crash", "timeout", "memory", "header", "leak", "reason")

@@ -16,15 +16,16 @@ import pytest
 import requests
 
 from bridge import __version__
-from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN, ServerConfig, TargetConfig
-from bridge.decoding.pool import TranscodeOptions
+from bridge.config import ServerConfig, TargetConfig
 from bridge.engine.cluster import Batches, ClusterTransfer, check_versions
 from bridge.engine.remote import Job, job
 from bridge.errors import ConfigError, Interrupted, ServerUnavailable
-from bridge.ledger.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, State
-from bridge.peers.feed import NewInstance
+from bridge.jobs import TranscodeOptions
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, NewInstance
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.retry import RetryPolicy
+from bridge.uids import IMPLICIT_VR_LITTLE_ENDIAN
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.dask_cluster import DaskCluster

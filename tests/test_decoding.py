@@ -19,14 +19,11 @@ from pydicom import uid
 from bridge.decoding import pool as decoding
 from bridge.decoding import zygote
 from bridge.decoding.limits import memory_allowance
-from bridge.decoding.pool import (
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    DecoderPool,
-    Transcoded,
-    TranscodeOptions,
-)
+from bridge.decoding.pool import DecoderPool
 from bridge.dicom.transcode import transcode
 from bridge.errors import DecodeError, Interrupted
+from bridge.jobs import Transcoded, TranscodeOptions
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.orthanc import cpu_seconds
 from tests.polling import wait_for
 from tests.transcode_support import j2k_multiframe
@@ -199,7 +196,7 @@ def test_decoders_that_cannot_be_loaded_fail_each_instance_with_the_reason() -> 
     script = (
         "import sys, threading\n"
         "sys.modules['numpy'] = None\n"
-        "from bridge.decoding.pool import DecoderPool, TranscodeOptions\n"
+        "from bridge.decoding.pool import DecoderPool\nfrom bridge.jobs import TranscodeOptions\n"
         "from bridge.errors import DecodeError\n"
         "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
         "for _ in range(2):\n"
@@ -224,7 +221,7 @@ def test_workers_that_cannot_be_started_fail_the_instance_without_looping() -> N
         "        raise BlockingIOError(11, 'Resource temporarily unavailable')\n"
         "    return real_fork()\n"
         "os.fork = failing_fork\n"
-        "from bridge.decoding.pool import DecoderPool, TranscodeOptions\n"
+        "from bridge.decoding.pool import DecoderPool\nfrom bridge.jobs import TranscodeOptions\n"
         "from bridge.errors import DecodeError\n"
         "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
         "try:\n"
@@ -322,7 +319,7 @@ def test_what_decoders_print_stays_out_of_the_output() -> None:
     # warns there too. None of it may reach the bridge's log.
     script = (
         "import io, threading, pydicom\n"
-        "from bridge.decoding.pool import DecoderPool, TranscodeOptions\n"
+        "from bridge.decoding.pool import DecoderPool\nfrom bridge.jobs import TranscodeOptions\n"
         "from tests.transcode_support import bundled\n"
         "ds = pydicom.dcmread(bundled('MR_small_RLE.dcm'))\n"
         "ds.Rows = 32\n"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from typing import cast
 
+from bridge.outcomes import NewInstance
 from bridge.peers import feed
 from bridge.peers.orthanc import Change, ChangesPage, OrthancClient
 
@@ -52,7 +53,7 @@ def arrivals(log: LateLog, recheck: int, polls: int) -> list[int]:
         recheck=recheck,
     )
     for event in events:
-        if isinstance(event, feed.NewInstance):
+        if isinstance(event, NewInstance):
             seqs.append(event.seq)
     return seqs
 

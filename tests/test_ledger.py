@@ -24,7 +24,8 @@ import yaml
 from bridge.cli import EXIT_STATE, main
 from bridge.errors import StateError
 from bridge.ledger.retention import BATCH, DAY, Retention
-from bridge.ledger.state import (
+from bridge.ledger.state import SCHEMA_VERSION, LedgerReads, Pruned, State
+from bridge.outcomes import (
     CONVERTED,
     DELETING,
     FAILED,
@@ -32,15 +33,11 @@ from bridge.ledger.state import (
     FORWARDED,
     PENDING,
     PROBLEMS,
-    SCHEMA_VERSION,
     SKIPPED,
     UNSUPPORTED,
     VANISHED,
     Delivery,
     Entry,
-    LedgerReads,
-    Pruned,
-    State,
 )
 from tests import bridgectl, ledger_support
 from tests.ledger_support import rows_counted
@@ -131,7 +128,8 @@ def test_totals_match_the_rows_after_random_histories(tmp_path: Path) -> None:
 _KILLED_WRITER = """
 import random, sys
 from pathlib import Path
-from bridge.ledger.state import Delivery, Entry, State, PROBLEMS
+from bridge.outcomes import Delivery, Entry, PROBLEMS
+from bridge.ledger.state import State
 state = State(Path(sys.argv[1]))
 rng = random.Random(7)
 print("ready", flush=True)

@@ -15,7 +15,8 @@ from typing import Any, cast
 from bridge.cli import _clients
 from bridge.config import load
 from bridge.engine.pipeline import Pipeline
-from bridge.ledger.state import CONVERTED, State
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED
 from bridge.peers.retry import RetryPolicy
 from tests import bridgectl
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer

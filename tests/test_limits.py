@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bridge.config import Config
 from bridge.decoding.limits import MIB, time_allowance
-from bridge.decoding.pool import TranscodeOptions
+from bridge.jobs import TranscodeOptions
 from tests import hostile
 from tests.transcode_support import j2k_multiframe
 

@@ -24,6 +24,7 @@ from bridge.errors import (
     Rejected,
     ServerUnavailable,
 )
+from bridge.outcomes import NewInstance
 from bridge.peers import feed
 from bridge.peers.orthanc import ChangesPage, OrthancClient, instance_id
 from bridge.peers.retry import RetryPolicy, no_retry
@@ -46,7 +47,7 @@ def test_changes_download_upload_and_delete(source: OrthancServer) -> None:
         )
     )
     # NewInstance comes first; the new series/study/patient rows need no work but are scanned.
-    assert events == [feed.NewInstance(1, iid), feed.Scanned(2), feed.Scanned(4)]
+    assert events == [NewInstance(1, iid), feed.Scanned(2), feed.Scanned(4)]
     assert events[-1] == feed.Scanned(orthanc.last_change())
     assert orthanc.download(iid) == path.read_bytes()
     assert orthanc.transfer_syntax(iid) == "1.2.840.10008.1.2.4.90"

@@ -12,14 +12,15 @@ from typing import Any, cast
 import pytest
 
 from bridge.config import ServerConfig, TargetConfig
-from bridge.decoding.pool import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
 from bridge.engine.budget import ByteBudget, Holding
 from bridge.engine.pipeline import Progress
 from bridge.engine.transfer import Destination, Transfer
 from bridge.errors import Interrupted, StateError
-from bridge.ledger.state import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, State
-from bridge.peers.feed import NewInstance
+from bridge.jobs import Transcoded
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, NewInstance
 from bridge.peers.orthanc import OrthancClient, Stored
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.polling import wait_for
 
 

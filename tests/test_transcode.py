@@ -24,10 +24,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels.processing import convert_color_space
 
-from bridge.decoding.pool import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeOptions
 from bridge.dicom.dicomfile import read_meta
 from bridge.dicom.transcode import transcode
 from bridge.errors import BridgeError, DecodeError, TooLarge, UnsupportedSyntax
+from bridge.jobs import TranscodeOptions
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.transcode_support import (
     assert_same_elements,
     bundled,

@@ -94,11 +94,3 @@ def address_space_limited(allowance: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
-
-
-def address_space_limit() -> int | None:
-    """The address-space limit in force for this process, or None when there is none."""
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    return None if soft == resource.RLIM_INFINITY else soft

@@ -26,17 +26,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from bridge import metrics
 from bridge.decoding import zygote
 from bridge.decoding.limits import address_space_limited, memory_allowance, time_allowance
 from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted, one_line
+from bridge.jobs import DECODER_STEP, Transcoded, TranscodeOptions
 
 log = logging.getLogger(__name__)
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 # How often a waiting thread looks at the stop flag.
 _POLL_SECONDS = 0.2
 # Instances queued in each worker: the one it decodes and the next.
@@ -44,33 +43,9 @@ DEPTH = 2
 _PIPE_BYTES = 1024 * 1024
 # Workers lost while this instance waited in them, whoever's fault, before it is given up.
 _MAX_LOSSES = 5
-# A worker notes each decoder call in its stderr before making it (see bridge.dicom.codecs), so that
-# a crash can be pinned on the decoder and frame that caused it.
-DECODER_STEP = "orthanc-bridge decoding step:"
 # Deaths that a decoder causes itself on an input, and will cause again: not worth a retry.
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 _STDERR_KEPT = 64 * 1024
-
-
-@dataclass(frozen=True)
-class TranscodeOptions:
-    """Limits and pass-through rules for one transcoding call."""
-
-    max_decoded_bytes: int = 2 * 1024**3  # refuse bigger instances before allocating
-    forward_unchanged: frozenset[str] = frozenset()  # undecodable syntaxes to pass through as-is
-    decode_timeout: float = (
-        80.0  # seconds per 100 MiB of work (bridge.decoding.limits.time_allowance)
-    )
-
-
-@dataclass(frozen=True)
-class Transcoded:
-    """The result of transcoding one instance."""
-
-    data: bytes | bytearray  # a complete DICOM Part-10 file
-    source_syntax: str  # transfer syntax UID of the input
-    sop_instance_uid: str
-    forwarded: bool  # True when `data` is the input unchanged (already EVRLE, or forward_unchanged)
 
 
 class _TimedOut(Exception):

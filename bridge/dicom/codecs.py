@@ -19,13 +19,13 @@ from pydicom import uid
 from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 
-from bridge.decoding.pool import DECODER_STEP
 from bridge.dicom import frames as threaded_frames
 from bridge.dicom.codestream import check_frame
+from bridge.dicom.dicomfile import ITEM, SEQUENCE_DELIMITER
 from bridge.dicom.verdicts import invalid_data
 from bridge.errors import PROCESS_EXITS, DecodeError, one_line
-
-ENCAPSULATED_UNCOMPRESSED = "1.2.840.10008.1.2.1.98"
+from bridge.jobs import DECODER_STEP
+from bridge.uids import ENCAPSULATED_UNCOMPRESSED
 
 # Order matters: the first decoder that reads a frame wins and is tried first for the next one.
 # GDCM is never given RLE: it decoded 16/32-bit RGB RLE wrongly and aborted on 1-bit RLE.
@@ -67,8 +67,6 @@ _PACKAGES: dict[str, str] = {
 # space its decoder delivers, so that lossless data stays bit-exact.
 _TO_RGB = {uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit}
 
-_ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
-_SEQ_DELIMITER = 0xE0DDFFFE
 _JPEG_SOI = b"\xff\xd8"
 _J2K_SOC = b"\xff\x4f\xff\x51"
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
@@ -183,28 +181,15 @@ def load_deferred_gdcm() -> None:
             decoder.add_plugin("gdcm", _GDCM_PLUGIN)
 
 
-def find_sequence_end(buf: memoryview, start: int) -> int:
-    """Return the offset just past the delimiter of encapsulated data starting at `start`."""
-    pos = start
-    while pos + 8 <= len(buf):
-        tag, length = struct.unpack_from("<II", buf, pos)
-        if tag == _SEQ_DELIMITER:
-            return pos + 8
-        if tag != _ITEM or length == 0xFFFFFFFF:
-            raise DecodeError(f"encapsulated pixel data has a bad item tag at byte {pos}")
-        pos += 8 + length
-    raise DecodeError("encapsulated pixel data is truncated (no sequence delimiter)")
-
-
 def _items(value: memoryview) -> tuple[memoryview, list[tuple[int, memoryview]]]:
     """Split an encapsulated value into its Basic Offset Table and (offset, fragment) pairs."""
     items: list[tuple[int, memoryview]] = []
     pos = 0
     while pos + 8 <= len(value):
         tag, length = struct.unpack_from("<II", value, pos)
-        if tag == _SEQ_DELIMITER:
+        if tag == SEQUENCE_DELIMITER:
             break
-        if tag != _ITEM or pos + 8 + length > len(value):
+        if tag != ITEM or pos + 8 + length > len(value):
             raise DecodeError(f"encapsulated pixel data has a bad or truncated item at byte {pos}")
         items.append((pos, value[pos + 8 : pos + 8 + length]))
         pos += 8 + length

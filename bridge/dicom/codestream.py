@@ -25,22 +25,26 @@ from typing import Protocol
 
 from bridge.dicom.jpegls_presets import Presets, check_presets
 from bridge.errors import DecodeError
+from bridge.uids import (
+    HTJ2K,
+    HTJ2K_LOSSLESS,
+    HTJ2K_LOSSLESS_RPCL,
+    JPEG_2000,
+    JPEG_2000_LOSSLESS,
+    JPEG_BASELINE,
+    JPEG_EXTENDED,
+    JPEG_LOSSLESS,
+    JPEG_LOSSLESS_SV1,
+    JPEG_LS_LOSSLESS,
+    JPEG_LS_NEAR_LOSSLESS,
+    RLE_LOSSLESS,
+)
 
-_JPEG = {
-    "1.2.840.10008.1.2.4.50",  # Baseline
-    "1.2.840.10008.1.2.4.51",  # Extended
-    "1.2.840.10008.1.2.4.57",  # Lossless
-    "1.2.840.10008.1.2.4.70",  # Lossless SV1
-}
-_JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
-_J2K = {
-    "1.2.840.10008.1.2.4.90",
-    "1.2.840.10008.1.2.4.91",
-    "1.2.840.10008.1.2.4.201",  # HTJ2K: the same SIZ/COD/SOT structure
-    "1.2.840.10008.1.2.4.202",
-    "1.2.840.10008.1.2.4.203",
-}
-_RLE = "1.2.840.10008.1.2.5"
+_JPEG = {JPEG_BASELINE, JPEG_EXTENDED, JPEG_LOSSLESS, JPEG_LOSSLESS_SV1}
+_JPEG_LS = {JPEG_LS_LOSSLESS, JPEG_LS_NEAR_LOSSLESS}
+# HTJ2K has the same SIZ/COD/SOT structure.
+_J2K = {JPEG_2000_LOSSLESS, JPEG_2000, HTJ2K_LOSSLESS, HTJ2K_LOSSLESS_RPCL, HTJ2K}
+_RLE = RLE_LOSSLESS
 
 # JPEG (T.81) and JPEG-LS (T.87) markers.
 _SOI, _EOI, _SOS, _DNL = 0xFFD8, 0xFFD9, 0xFFDA, 0xFFDC

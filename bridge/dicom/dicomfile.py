@@ -14,7 +14,6 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from pydicom.uid import UID
 
-from bridge.dicom.codecs import find_sequence_end
 from bridge.dicom.header import LONG_VRS
 from bridge.dicom.vr import resolve as resolve_vrs
 from bridge.errors import DecodeError, TooLarge
@@ -29,6 +28,8 @@ from bridge.errors import DecodeError, TooLarge
 pydicom.config.replace_un_with_known_vr = False
 
 PIXEL_DATA = 0x7FE00010
+ITEM = 0xE000FFFE  # (FFFE,E000) read as one little-endian uint32
+SEQUENCE_DELIMITER = 0xE0DDFFFE
 _VALID_VRS = LONG_VRS | {
     b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT",
     b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
@@ -243,3 +244,16 @@ def swap_in_place(buf: bytearray, offset: int, length: int, width: int) -> None:
     count = length // width
     dtype = {2: np.uint16, 4: np.uint32, 8: np.uint64}[width]
     np.frombuffer(buf, dtype=dtype, count=count, offset=offset).byteswap(inplace=True)
+
+
+def find_sequence_end(buf: memoryview, start: int) -> int:
+    """Return the offset just past the delimiter of encapsulated data starting at `start`."""
+    pos = start
+    while pos + 8 <= len(buf):
+        tag, length = struct.unpack_from("<II", buf, pos)
+        if tag == SEQUENCE_DELIMITER:
+            return pos + 8
+        if tag != ITEM or length == 0xFFFFFFFF:
+            raise DecodeError(f"encapsulated pixel data has a bad item tag at byte {pos}")
+        pos += 8 + length
+    raise DecodeError("encapsulated pixel data is truncated (no sequence delimiter)")

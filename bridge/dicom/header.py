@@ -13,10 +13,13 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from bridge.uids import (
+    DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+    EXPLICIT_VR_BIG_ENDIAN,
+    IMPLICIT_VR_LITTLE_ENDIAN,
+)
+
 _DICM = b"DICM"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
 # VRs with a 2-byte reserved field and a 4-byte length in explicit VR encodings.
 LONG_VRS = {
     b"OB",
@@ -118,14 +121,17 @@ def _file_meta(data: memoryview) -> tuple[str, int]:
 def _image_attributes(data: memoryview) -> dict[int, int]:
     syntax, start = _file_meta(data)
     body = data
-    if syntax == _DEFLATED:
+    if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
         body = memoryview(
             zlib.decompressobj(-zlib.MAX_WBITS).decompress(data[start:], _INFLATE_AT_MOST)
         )
         reader = _Reader(body, 0, little=True, implicit=False)
     else:
         reader = _Reader(
-            body, start, little=syntax != _EXPLICIT_BE, implicit=syntax == _IMPLICIT_LE
+            body,
+            start,
+            little=syntax != EXPLICIT_VR_BIG_ENDIAN,
+            implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
         )
     values: dict[int, int] = {}
     for _ in range(_MAX_ELEMENTS):

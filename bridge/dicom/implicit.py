@@ -17,9 +17,9 @@ import io
 import logging
 import struct
 
-from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN
 from bridge.dicom.header import LONG_VRS
 from bridge.errors import DecodeError, one_line
+from bridge.uids import IMPLICIT_VR_LITTLE_ENDIAN
 
 log = logging.getLogger(__name__)
 

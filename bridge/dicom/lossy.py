@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from pydicom import uid
+from bridge import uids
 
 # JPEG Baseline/Extended are DCT-based: lossy whatever the quality setting.
 _ALWAYS_LOSSY: dict[str, str] = {
-    uid.JPEGBaseline8Bit: "ISO_10918_1",
-    uid.JPEGExtended12Bit: "ISO_10918_1",
+    uids.JPEG_BASELINE: "ISO_10918_1",
+    uids.JPEG_EXTENDED: "ISO_10918_1",
 }
-_JPEG_LS = {uid.JPEGLSLossless, uid.JPEGLSNearLossless}
+_JPEG_LS = {uids.JPEG_LS_LOSSLESS, uids.JPEG_LS_NEAR_LOSSLESS}
 _J2K_METHOD: dict[str, str] = {
-    uid.JPEG2000Lossless: "ISO_15444_1",
-    uid.JPEG2000: "ISO_15444_1",
-    uid.HTJ2KLossless: "ISO_15444_15",
-    uid.HTJ2KLosslessRPCL: "ISO_15444_15",
-    uid.HTJ2K: "ISO_15444_15",
+    uids.JPEG_2000_LOSSLESS: "ISO_15444_1",
+    uids.JPEG_2000: "ISO_15444_1",
+    uids.HTJ2K_LOSSLESS: "ISO_15444_15",
+    uids.HTJ2K_LOSSLESS_RPCL: "ISO_15444_15",
+    uids.HTJ2K: "ISO_15444_15",
 }
 
 _SOS = b"\xff\xda"

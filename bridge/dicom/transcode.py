@@ -20,8 +20,6 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID
 
-from bridge.decoding.limits import address_space_limit
-from bridge.decoding.pool import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded, TranscodeOptions
 from bridge.dicom.codecs import (
     DECODER_CHAINS,
     DecodedFrame,
@@ -51,6 +49,8 @@ from bridge.errors import (
     UnsupportedSyntax,
     one_line,
 )
+from bridge.jobs import Transcoded, TranscodeOptions
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
     except (BridgeError, *PROCESS_EXITS):
         raise
     except MemoryError:
-        limit = address_space_limit()
+        limit = _address_space_limit()
         allowed = f"the {limit // 2**20} MiB" if limit else "the memory"
         raise DecodeError(
             context.describe(f"decoding needed more than {allowed} its process may use for it")
@@ -437,3 +437,11 @@ def _allocate(parsed: Parsed, pixel_length: int, pixel_vr: str) -> tuple[bytearr
     out[len(prefix) : offset] = element
     out[offset + pixel_length :] = tail
     return out, offset
+
+
+def _address_space_limit() -> int | None:
+    """The address-space limit in force here (bridge.decoding.limits sets it), or None."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft

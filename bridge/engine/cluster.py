@@ -30,10 +30,8 @@ from typing import Any
 from bridge import __version__
 from bridge.config import ClusterConfig
 from bridge.engine.remote import DASK_SETTINGS, Job, transfer_batch, version, warm
-from bridge.engine.transfer import outcome_fields
 from bridge.errors import AccessDenied, ConfigError, Interrupted, TransientError, one_line
-from bridge.ledger.state import DELETING, FAILED, Entry
-from bridge.peers.feed import NewInstance
+from bridge.outcomes import DELETING, FAILED, Entry, NewInstance, outcome_fields
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.retry import RetryPolicy, note_retry
 

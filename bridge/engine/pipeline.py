@@ -18,7 +18,7 @@ from typing import Protocol
 
 from bridge import metrics
 from bridge.config import MIB, Config
-from bridge.decoding.pool import DecoderPool, TranscodeOptions
+from bridge.decoding.pool import DecoderPool
 from bridge.dicom.header import decoded_size
 from bridge.engine.budget import ByteBudget
 from bridge.engine.cluster import Batches, ClusterTransfer, connect
@@ -32,8 +32,10 @@ from bridge.errors import (
     TransientError,
     one_line,
 )
-from bridge.ledger.state import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, State
+from bridge.jobs import TranscodeOptions
+from bridge.ledger.state import State
 from bridge.metrics import WAITING
+from bridge.outcomes import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, NewInstance
 from bridge.peers import feed
 from bridge.peers.orthanc import ChangesPage, OrthancClient
 from bridge.watch.health import Health, Throughput
@@ -137,7 +139,7 @@ class Mover(Protocol):
     """Moves instances: _Threads around bridge.engine.transfer.Transfer here,
     bridge.engine.cluster.ClusterTransfer on a Dask cluster."""
 
-    def start(self, item: feed.NewInstance) -> Future[Entry]:
+    def start(self, item: NewInstance) -> Future[Entry]:
         """Begin moving one instance; the future holds its outcome, or the TransientError,
         AccessDenied or Interrupted that Transfer.run raises."""
         ...
@@ -154,7 +156,7 @@ class _Threads:
         self._transfer = transfer
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
 
-    def start(self, item: feed.NewInstance) -> Future[Entry]:
+    def start(self, item: NewInstance) -> Future[Entry]:
         return self._pool.submit(self._transfer.run, item)
 
     def close(self) -> None:
@@ -328,7 +330,7 @@ class Pipeline:
         for iid in instance_ids:
             if self.stop.is_set():
                 break
-            self._dispatch(feed.NewInstance(-1, iid), tracked=False)
+            self._dispatch(NewInstance(-1, iid), tracked=False)
         self._drain()
         return self.summary
 
@@ -369,7 +371,7 @@ class Pipeline:
         metrics.feed_position(last=page.last)
         self.mode = "following the source" if page.done else "catching up"
 
-    def _dispatch(self, item: feed.NewInstance, tracked: bool) -> None:
+    def _dispatch(self, item: NewInstance, tracked: bool) -> None:
         # Bounded: the feed waits here rather than queueing the whole change log in memory.
         while not self._slots.acquire(timeout=0.2):
             self.health.beat()  # waiting for room is not being stuck
@@ -382,7 +384,7 @@ class Pipeline:
             self._pending.add(future)
         future.add_done_callback(functools.partial(self._finished, item, tracked))
 
-    def _finished(self, item: feed.NewInstance, tracked: bool, future: Future[Entry]) -> None:
+    def _finished(self, item: NewInstance, tracked: bool, future: Future[Entry]) -> None:
         """An instance's outcome (in the thread that moved it, or one of the cluster's):
         recorded before its slot is given back, so that _drain waits for the ledger too."""
         try:
@@ -395,7 +397,7 @@ class Pipeline:
                 self._pending.discard(future)
             self._slots.release()
 
-    def _conclude(self, item: feed.NewInstance, tracked: bool, future: Future[Entry]) -> None:
+    def _conclude(self, item: NewInstance, tracked: bool, future: Future[Entry]) -> None:
         iid = item.instance_id
         try:
             entry = future.result()

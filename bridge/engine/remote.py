@@ -24,12 +24,12 @@ from dataclasses import dataclass, replace
 from bridge import __version__
 from bridge.config import ServerConfig, TargetConfig, target_env_prefix
 from bridge.decoding import zygote
-from bridge.decoding.pool import DecoderPool, TranscodeOptions
+from bridge.decoding.pool import DecoderPool
 from bridge.dicom.header import decoded_size
 from bridge.engine.budget import ByteBudget
 from bridge.engine.transfer import Destination, Transfer
-from bridge.ledger.state import Entry
-from bridge.peers.feed import NewInstance
+from bridge.jobs import TranscodeOptions
+from bridge.outcomes import Entry, NewInstance
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.retry import RetryPolicy
 

@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.config import EXPLICIT_VR_LITTLE_ENDIAN, TargetConfig
-from bridge.decoding.pool import Transcoded
+from bridge.config import TargetConfig
 from bridge.dicom.header import transfer_syntax
 from bridge.dicom.implicit import to_implicit
 from bridge.engine.budget import ByteBudget
@@ -33,7 +32,9 @@ from bridge.errors import (
     VerificationFailed,
     readable,
 )
-from bridge.ledger.state import (
+from bridge.jobs import Transcoded
+from bridge.metrics import STAGE
+from bridge.outcomes import (
     CONVERTED,
     DELETING,
     FAILED,
@@ -43,11 +44,12 @@ from bridge.ledger.state import (
     VANISHED,
     Delivery,
     Entry,
+    NewInstance,
+    outcome_fields,
 )
-from bridge.metrics import STAGE
-from bridge.peers.feed import NewInstance
 from bridge.peers.orthanc import OrthancClient
 from bridge.routing import CONVERT, FORWARD, SKIP, Facts, action_for
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 log = logging.getLogger(__name__)
 
@@ -324,16 +326,6 @@ def _listing(delivered: tuple[Delivery, ...]) -> str:
 
 def _since(started: float) -> float:
     return time.monotonic() - started
-
-
-def outcome_fields(iid: str, outcome: str, syntax: str | None, started: float) -> dict[str, object]:
-    """The fields of an instance's outcome that JSON logs carry (bridge.watch.logs.EVENT_FIELDS)."""
-    return {
-        "instance": iid,
-        "outcome": outcome,
-        "source_syntax": syntax,
-        "ms": round(_since(started) * 1000),
-    }
 
 
 def _one_line(exc: Exception) -> str:

@@ -23,30 +23,23 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 from bridge.errors import StateError
+from bridge.outcomes import (
+    FINISHED,
+    PENDING,
+    PROBLEMS,
+    PRUNABLE,
+    Delivery,
+    Entry,
+)
 
 log = logging.getLogger(__name__)
 
-CONVERTED = "converted"  # the target holds it in Explicit VR Little Endian
-FORWARDED = "forwarded"  # sent unchanged, as a `forward` rule or `forward_unchanged` asks
-SKIPPED = "skipped"  # no target's rules take it: left in the source
-FAILED = "failed"  # permanent error: kept in the source, reason recorded
-UNSUPPORTED = "unsupported"  # cannot become native pixels: kept in the source
-VANISHED = "vanished"  # deleted from the source before the bridge got to it
-PENDING = "pending"  # re-queued by `retry`
-DELETING = "deleting"  # verified in the target; deleting the original was under way
 # Below this, a write may fail for want of room (a WAL checkpoint needs some).
 _MIN_FREE_BYTES = 16 * 1024 * 1024
-FINISHED = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED, SKIPPED)
-PROBLEMS = (FAILED, UNSUPPORTED)
-# What retention may delete: done for good. Failed, unsupported, pending and deleting rows are
-# work a person or the bridge still has to do, and are kept whatever their age.
-PRUNABLE = (CONVERTED, FORWARDED, SKIPPED, VANISHED)
-
 # 1: the ledger of 2026-12-03 (no version recorded, no totals). 2: totals, (state, updated).
 SCHEMA_VERSION = 2
 
@@ -121,33 +114,6 @@ INSERT INTO totals (state, n) SELECT state, count(*) FROM instances WHERE true G
 INSERT INTO delivery_totals (target, state, n)
     SELECT target, state, count(*) FROM deliveries WHERE true GROUP BY target, state;
 """
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What became of one instance at one target: converted, forwarded, skipped or failed."""
-
-    target: str
-    state: str
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class Entry:
-    """The outcome of one instance, as the ledger keeps it."""
-
-    instance_id: str
-    seq: int | None
-    state: str
-    source_syntax: str | None = None
-    error: str | None = None
-    seconds: float | None = None
-    deleted_original: bool = False
-    updated: float = 0.0
-    attempts: int = 0
-    deliveries: tuple[Delivery, ...] = ()  # per target; recorded with the entry
-    # Every target that takes it verifiably holds its copy (not written to the ledger).
-    deletable: bool = False
 
 
 class Pruned(NamedTuple):

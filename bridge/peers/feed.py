@@ -15,17 +15,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from bridge.errors import FeedResetError
+from bridge.outcomes import NewInstance
 from bridge.peers.orthanc import Change, ChangesPage, OrthancClient
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class NewInstance:
-    """An instance arrived in the source at change `seq`."""
-
-    seq: int
-    instance_id: str
 
 
 @dataclass(frozen=True)

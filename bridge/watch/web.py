@@ -28,7 +28,7 @@ from bridge import __version__, metrics
 from bridge.config import Config, HttpConfig
 from bridge.engine.pipeline import Pipeline
 from bridge.errors import ConfigError, one_line
-from bridge.ledger.state import PENDING, PROBLEMS
+from bridge.outcomes import PENDING, PROBLEMS
 from bridge.peers.orthanc import OrthancClient
 from bridge.watch.statuspage import ProblemView, ServerView, StatusView, render
 
