@@ -23,7 +23,9 @@ from types import FrameType
 
 from bridge import __version__
 from bridge.config import Config, load
+from bridge.engine.engines import Engine
 from bridge.engine.inventory import Inventory, read_ahead
+from bridge.engine.local import LocalEngine
 from bridge.engine.pipeline import Pipeline, Summary
 from bridge.errors import BridgeError, ConfigError, StateError
 from bridge.ledger.retention import Retention
@@ -169,6 +171,26 @@ def _check_labels(config: Config, source: OrthancClient) -> None:
         )
 
 
+def make_pipeline(
+    config: Config,
+    state: State,
+    source: OrthancClient,
+    targets: Sequence[OrthancClient],
+    stop: threading.Event,
+) -> Pipeline:
+    """The pipeline on the engine `cluster:` chooses: Dask workers, or this machine alone."""
+    engine: Engine
+    if config.cluster is not None:
+        # Imported only here: a bridge without a cluster never loads the Dask client's side.
+        from bridge.engine.cluster import ClusterEngine
+
+        # The transfers run on Dask workers; here, only the feed, the ledger and deletions.
+        engine = ClusterEngine(config, config.cluster, source, state.record, stop)
+    else:
+        engine = LocalEngine(config, source, targets, state.record, stop)
+    return Pipeline(config, state, source, targets, stop, engine)
+
+
 def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
     """Run `work` on a pipeline, with the HTTP server, health probes and systemd's watchdog."""
     stop = threading.Event()
@@ -184,12 +206,12 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
         state = State(config.state_dir)
         cleanup.callback(state.close)
         cleanup.enter_context(_stop_on_signals(stop))
-        pipeline = Pipeline(config, state, source, targets, stop)
+        pipeline = make_pipeline(config, state, source, targets, stop)
         cleanup.callback(pipeline.close)
         retention = Retention(state, config.ledger_retention_days)
         cleanup.callback(retention.close)
         cleanup.callback(pipeline.health.close)
-        web = WebServer(config, command, pipeline)
+        web = WebServer(config, command, pipeline.snapshot, pipeline.health, state.reader)
         cleanup.callback(web.close)
         watchdog = Watchdog(pipeline.health.liveness, lambda: pipeline.mode)
         cleanup.callback(watchdog.close)

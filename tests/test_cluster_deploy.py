@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from bridge.config import load, parse
-from bridge.engine.remote import DASK_SETTINGS
+from bridge.engine.tasks import DASK_SETTINGS
 from tests.test_deploy import DEPLOY, SECRETS, compose_config
 
 KUBERNETES = DEPLOY / "kubernetes"
@@ -79,7 +79,7 @@ def test_kubernetes_example_coordinator_finds_the_dask_cluster() -> None:
 
 
 def test_the_image_quiets_dasks_dashboard_feeds() -> None:
-    """Scheduler and workers run with bridge.engine.remote.DASK_SETTINGS, as the tests' cluster."""
+    """Scheduler and workers run with bridge.engine.tasks.DASK_SETTINGS, as the tests' cluster."""
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for name, value in DASK_SETTINGS.items():
         assert f"{name}={value}" in dockerfile, name

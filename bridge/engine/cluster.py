@@ -27,9 +27,11 @@ from concurrent.futures import CancelledError, Future, InvalidStateError, Thread
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bridge import __version__
-from bridge.config import ClusterConfig
-from bridge.engine.remote import DASK_SETTINGS, Job, transfer_batch, version, warm
+from bridge import __version__, metrics
+from bridge.config import MIB, ClusterConfig, Config
+from bridge.engine.budget import ByteBudget
+from bridge.engine.local import transcode_options
+from bridge.engine.tasks import DASK_SETTINGS, TRANSFER_BATCH, WARM, Job, job, version
 from bridge.errors import AccessDenied, ConfigError, Interrupted, TransientError, one_line
 from bridge.outcomes import DELETING, FAILED, Entry, NewInstance, outcome_fields
 from bridge.peers.orthanc import OrthancClient
@@ -169,7 +171,7 @@ class Batches:
     def _warm(self) -> None:
         """Have every worker start its decoding process now (bridge.engine.remote.warm)."""
         try:
-            answers = self._client.run(warm, self._job, on_error="return")
+            answers = self._client.run(WARM, self._job, on_error="return")
         except Exception as exc:  # the first batches will say what is wrong
             log.warning("cluster: could not prepare the workers: %s", exc)
             return
@@ -265,7 +267,7 @@ class Batches:
         with self._lock:
             self._inflight[key] = batch
         try:
-            future = self._client.submit(transfer_batch, self._job, ids, pure=False)
+            future = self._client.submit(TRANSFER_BATCH, self._job, ids, pure=False)
         except Exception as exc:  # the client lost its scheduler
             self._settle(key, ClusterError(f"cluster: cannot send a batch: {exc}"))
             return
@@ -500,3 +502,54 @@ class _Tries:
         if self.first_failure is None:
             self.first_failure = time.monotonic()
         return self.first_failure
+
+
+class ClusterEngine:
+    """The engine on a Dask cluster: workers move the instances, this process deletes them."""
+
+    def __init__(
+        self,
+        config: Config,
+        cluster: ClusterConfig,
+        source: OrthancClient,
+        record: Callable[[Entry], None],
+        stop: threading.Event,
+    ) -> None:
+        self.budget = ByteBudget(config.max_inflight_mb * MIB, stop)  # nothing held here
+        self._scheduler = cluster.scheduler
+        self._batches = Batches(
+            connect(cluster),
+            job(source.server, config.targets, transcode_options(config), config.delete_original),
+            cluster.batch_size,
+            stop,
+        )
+        self._transfer = ClusterTransfer(
+            self._batches, source, config.delete_original, source.retry, record
+        )
+        self.threads = ClusterTransfer.THREADS
+        self.slots = self._batches.limit + 2
+        self.decoders_configured = 0
+        batches = self._batches
+        metrics.CLUSTER_WORKERS.set_function(lambda: batches.workers)
+
+    def start(self, item: NewInstance) -> Future[Entry]:
+        return self._transfer.start(item)
+
+    def decoders_alive(self) -> int:
+        return 0
+
+    def decoder_restarts(self) -> int:
+        return 0
+
+    def where(self) -> str | None:
+        return (
+            f"{self._batches.workers} Dask workers with {self._batches.threads} threads, "
+            f"at {self._scheduler}"
+        )
+
+    def problem(self) -> str | None:
+        return self._batches.problem()
+
+    def close(self) -> None:
+        self._transfer.close()
+        self._batches.close()

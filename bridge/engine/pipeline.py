@@ -12,18 +12,12 @@ import functools
 import logging
 import threading
 from collections.abc import Iterable, Sequence, Sized
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, wait
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from bridge import metrics
-from bridge.config import MIB, Config
-from bridge.decoding.pool import DecoderPool
-from bridge.dicom.header import decoded_size
-from bridge.engine.budget import ByteBudget
-from bridge.engine.cluster import Batches, ClusterTransfer, connect
-from bridge.engine.remote import job
-from bridge.engine.transfer import Destination, Transfer
+from bridge.config import Config
+from bridge.engine.engines import Engine
 from bridge.errors import (
     AccessDenied,
     FeedResetError,
@@ -32,13 +26,13 @@ from bridge.errors import (
     TransientError,
     one_line,
 )
-from bridge.jobs import TranscodeOptions
 from bridge.ledger.state import State
 from bridge.metrics import WAITING
 from bridge.outcomes import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, NewInstance
 from bridge.peers import feed
 from bridge.peers.orthanc import ChangesPage, OrthancClient
 from bridge.watch.health import Health, Throughput
+from bridge.watch.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -135,34 +129,6 @@ class Progress:
             metrics.feed_position(cursor=cursor)
 
 
-class Mover(Protocol):
-    """Moves instances: _Threads around bridge.engine.transfer.Transfer here,
-    bridge.engine.cluster.ClusterTransfer on a Dask cluster."""
-
-    def start(self, item: NewInstance) -> Future[Entry]:
-        """Begin moving one instance; the future holds its outcome, or the TransientError,
-        AccessDenied or Interrupted that Transfer.run raises."""
-        ...
-
-    def close(self) -> None:
-        """Stop; outcomes not yet given end as Interrupted (or cancelled)."""
-        ...
-
-
-class _Threads:
-    """Transfer.run in a pool of threads: each one downloads, waits for its decode, uploads."""
-
-    def __init__(self, transfer: Transfer, threads: int) -> None:
-        self._transfer = transfer
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="transfer")
-
-    def start(self, item: NewInstance) -> Future[Entry]:
-        return self._pool.submit(self._transfer.run, item)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 class Pipeline:
     """Runs transfers concurrently: `follow` for the change log, `process` for given IDs."""
 
@@ -173,64 +139,22 @@ class Pipeline:
         source: OrthancClient,
         targets: Sequence[OrthancClient],  # one per config.targets, in that order
         stop: threading.Event,
+        engine: Engine,
     ) -> None:
         self.config = config
         self.state = state
         self.source = source
         self.stop = stop
         self.summary = Summary()
-        workers = config.worker_count
-        self._options = TranscodeOptions(
-            max_decoded_bytes=config.max_decoded_mb * MIB,
-            forward_unchanged=config.forward_unchanged,
-            decode_timeout=config.decode_timeout,
-        )
-        self._budget = ByteBudget(config.max_inflight_mb * MIB, stop)
-        self._decoder: DecoderPool | None = None
-        self._batches: Batches | None = None
-        self._mover: Mover
-        if config.cluster is not None:
-            # The transfers run on Dask workers; here, only the feed, the ledger and deletions.
-            self._batches = Batches(
-                connect(config.cluster),
-                job(source.server, config.targets, self._options, config.delete_original),
-                config.cluster.batch_size,
-                stop,
-            )
-            self._mover = ClusterTransfer(
-                self._batches, source, config.delete_original, source.retry, state.record
-            )
-            threads = ClusterTransfer.THREADS
-            slots = self._batches.limit + 2
-        else:
-            self._decoder = DecoderPool(workers, self._options, stop)
-            max_decoded = self._options.max_decoded_bytes  # larger ones are refused
-            transfer = Transfer(
-                source,
-                [Destination(t, client) for t, client in zip(config.targets, targets, strict=True)],
-                self._decoder.decode,
-                config.delete_original,
-                stop,
-                self._budget,
-                state.record,
-                lambda data: decoded_size(data, max_decoded) or 0,
-            )
-            # Enough threads that every decoding process has the next instance downloaded
-            # and the previous one uploading.
-            threads = workers * 2 + 2
-            slots = workers * 3 + 2
-            self._mover = _Threads(transfer, threads)
+        self.engine = engine
         for client in (source, *targets):
-            client.keep_connections(threads + 1)  # the transfer threads and the feed
-        self._slots = threading.Semaphore(slots)
+            client.keep_connections(engine.threads + 1)  # the transfer threads and the feed
+        self._slots = threading.Semaphore(engine.slots)
         self._pending: set[Future[Entry]] = set()
         self._pending_lock = threading.Lock()
         self._progress = Progress(state)
         self.health = Health(source, targets, state, config.poll_interval)
-        if self._batches is not None:
-            batches = self._batches
-            self.health.checks.append(batches.problem)
-            metrics.CLUSTER_WORKERS.set_function(lambda: batches.workers)
+        self.health.checks.append(engine.problem)
         self.throughput = Throughput()
         # What the status page says the bridge is doing; the commands set it.
         self.mode = "starting"
@@ -239,7 +163,7 @@ class Pipeline:
         metrics.watch(
             ledger=lambda: state.reader.count_in(WAITING),  # never the writer's connection
             inflight=self.inflight,
-            decoders=self.decoders_alive,
+            decoders=engine.decoders_alive,
         )
 
     @property
@@ -249,34 +173,28 @@ class Pipeline:
 
     def inflight(self) -> tuple[int, int]:
         """Instances in flight and the bytes they hold."""
-        return len(self._pending), self._budget.used
+        return len(self._pending), self.engine.budget.used
 
-    def decoders_alive(self) -> int:
-        """Decoding processes in service."""
-        return self._decoder.alive() if self._decoder else 0
-
-    def decoder_restarts(self) -> int:
-        """Decoding processes replaced since the start."""
-        return self._decoder.restarts if self._decoder else 0
-
-    @property
-    def inflight_limit(self) -> int:
-        """max_inflight_mb in bytes."""
-        return self._budget.limit
-
-    def cluster(self) -> str | None:
-        """The cluster the transfers run on, as the status page says it; None on one machine."""
-        if self._batches is None or self.config.cluster is None:
-            return None
-        return (
-            f"{self._batches.workers} Dask workers with {self._batches.threads} threads, "
-            f"at {self.config.cluster.scheduler}"
+    def snapshot(self) -> Snapshot:
+        """What the pipeline is doing now, for the status page."""
+        engine = self.engine
+        count, held = self.inflight()
+        return Snapshot(
+            mode=self.mode,
+            stopping=self.stop.is_set(),
+            cursor=self.cursor,
+            source_last=self.source_last,
+            total=self.total,
+            outcomes=dict(self.summary.counts),
+            rate=self.throughput.per_minute(),
+            inflight_instances=count,
+            inflight_bytes=held,
+            inflight_limit=engine.budget.limit,
+            decoders_alive=engine.decoders_alive(),
+            decoders_configured=engine.decoders_configured,
+            decoder_restarts=engine.decoder_restarts(),
+            where=engine.where(),
         )
-
-    @property
-    def decoders_configured(self) -> int:
-        """The decoding processes the pipeline keeps here (none: the cluster's workers decode)."""
-        return 0 if self._decoder is None else self.config.worker_count
 
     # --- entry points ---------------------------------------------------------------------
 
@@ -336,11 +254,7 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the worker processes and threads, without waiting for abandoned decodes."""
-        self._mover.close()
-        if self._decoder is not None:
-            self._decoder.close()
-        if self._batches is not None:
-            self._batches.close()
+        self.engine.close()
 
     # --- internals ------------------------------------------------------------------------
 
@@ -379,7 +293,7 @@ class Pipeline:
                 return
         if tracked:
             self._progress.start(item.seq)
-        future = self._mover.start(item)
+        future = self.engine.start(item)
         with self._pending_lock:
             self._pending.add(future)
         future.add_done_callback(functools.partial(self._finished, item, tracked))
@@ -468,4 +382,6 @@ class Pipeline:
                 break
             self.health.beat()
             wait(pending, timeout=1.0)
-        self.summary.peak_inflight_bytes = max(self.summary.peak_inflight_bytes, self._budget.peak)
+        self.summary.peak_inflight_bytes = max(
+            self.summary.peak_inflight_bytes, self.engine.budget.peak
+        )

@@ -19,16 +19,16 @@ import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from bridge import __version__
-from bridge.config import ServerConfig, TargetConfig, target_env_prefix
+from bridge.config import ServerConfig, target_env_prefix
 from bridge.decoding import zygote
 from bridge.decoding.pool import DecoderPool
 from bridge.dicom.header import decoded_size
 from bridge.engine.budget import ByteBudget
+from bridge.engine.tasks import Job
 from bridge.engine.transfer import Destination, Transfer
-from bridge.jobs import TranscodeOptions
 from bridge.outcomes import Entry, NewInstance
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.retry import RetryPolicy
@@ -38,58 +38,12 @@ log = logging.getLogger(__name__)
 # Instances one task moves at once: one downloading, one decoding, one uploading.
 OVERLAP = 3
 
-# Dask settings for the scheduler and every worker, as environment variables (deploy/ sets them;
-# the coordinator applies the same to its client). Dask's defaults feed its dashboard: a tick
-# every 20 ms to detect a blocked event loop, a system monitor every 0.5 s and a statistical
-# profiler every 10 ms. On the 2-core test machine they cost a scheduler and two workers 22% of
-# a core when idle, and under load took the cluster's CPU per instance from 42 ms to 100 ms
-# (600 instances of pydicom's GDCMJ2K_TextGBR.dcm: 59.9 CPU s against 25.0 with these
-# settings, the local engine 28.3). The profiler can also deadlock a worker on Python 3.11
-# (see _quiet_profiler).
-DASK_SETTINGS = {
-    "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED": "False",
-    "DASK_DISTRIBUTED__ADMIN__TICK__INTERVAL": "1s",
-    "DASK_DISTRIBUTED__ADMIN__SYSTEM_MONITOR__INTERVAL": "5s",
-}
-
 # What Dask's nanny sets for its workers (distributed.nanny.pre-spawn-environ).
 _DASK_TRIM_THRESHOLD = "65536"
 
 # A worker gives up on a server after this long and lets the coordinator decide (it retries
 # the batch for ever in `run`): a worker never blocks a slot of the cluster indefinitely.
 WORKER_RETRY_SECONDS = 60.0
-
-
-@dataclass(frozen=True)
-class Job:
-    """What every task of one coordinator carries besides its instance IDs: no secrets."""
-
-    version: str
-    source: ServerConfig  # without password
-    targets: tuple[TargetConfig, ...]  # without passwords
-    options: TranscodeOptions
-    verify_for_deletion: bool  # delete_original: every copy is verified, never trusted
-
-
-def job(
-    source: ServerConfig,
-    targets: tuple[TargetConfig, ...],
-    options: TranscodeOptions,
-    delete_original: bool,
-) -> Job:
-    """The Job for these settings, with the passwords left out."""
-    return Job(
-        __version__,
-        replace(source, password=None),
-        tuple(replace(t, server=replace(t.server, password=None)) for t in targets),
-        options,
-        delete_original,
-    )
-
-
-def version() -> str:
-    """The orthanc-bridge version this worker runs (the coordinator refuses a mismatch)."""
-    return __version__
 
 
 def dask_setup(worker: object) -> None:

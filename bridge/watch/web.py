@@ -26,10 +26,12 @@ from prometheus_client.exposition import choose_encoder
 
 from bridge import __version__, metrics
 from bridge.config import Config, HttpConfig
-from bridge.engine.pipeline import Pipeline
 from bridge.errors import ConfigError, one_line
+from bridge.ledger.state import LedgerReads
 from bridge.outcomes import PENDING, PROBLEMS
 from bridge.peers.orthanc import OrthancClient
+from bridge.watch.health import Health
+from bridge.watch.snapshot import Snapshot
 from bridge.watch.statuspage import ProblemView, ServerView, StatusView, render
 
 log = logging.getLogger(__name__)
@@ -43,9 +45,16 @@ _POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-a
 class WebServer:
     """Serves one pipeline's metrics, health and status page until `close`."""
 
-    def __init__(self, config: Config, command: str, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        config: Config,
+        command: str,
+        snapshot: Callable[[], Snapshot],
+        health: Health,
+        ledger: LedgerReads,
+    ) -> None:
         self._http = config.http
-        self._pages = _Pages(config, command, pipeline)
+        self._pages = _Pages(config, command, snapshot, health, ledger)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -84,10 +93,20 @@ class WebServer:
 class _Pages:
     """What each path answers: (status, content type, body)."""
 
-    def __init__(self, config: Config, command: str, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        config: Config,
+        command: str,
+        snapshot: Callable[[], Snapshot],
+        health: Health,
+        ledger: LedgerReads,
+    ) -> None:
         self._config = config
         self._command = command
-        self._pipeline = pipeline
+        self._snapshot = snapshot
+        self._health = health
+        # Its own read-only connection: the page never waits for the lock transfers write under.
+        self._ledger = ledger
         self._started = time.time()
 
     def metrics(self, accept: str) -> tuple[int, str, bytes]:
@@ -95,11 +114,11 @@ class _Pages:
         return 200, content_type, encoder(metrics.REGISTRY)
 
     def livez(self) -> tuple[int, str, bytes]:
-        stuck = self._pipeline.health.liveness()
+        stuck = self._health.liveness()
         return _text(503, f"stuck: {stuck}") if stuck else _text(200, "alive")
 
     def readyz(self) -> tuple[int, str, bytes]:
-        reasons = self._pipeline.health.readiness()
+        reasons = self._health.readiness()
         if reasons:
             return _text(503, "not ready:\n" + "\n".join(f"- {r}" for r in reasons))
         return _text(200, "ready")
@@ -109,10 +128,9 @@ class _Pages:
 
     def view(self) -> StatusView:
         """Everything the status page shows, read now."""
-        pipeline = self._pipeline
-        health = pipeline.health
-        # Its own read-only connection: the page never waits for the lock transfers write under.
-        state = pipeline.state.reader
+        now = self._snapshot()
+        health = self._health
+        state = self._ledger
         reasons = health.readiness()
         ledger = state.counts()
         waiting = sum(ledger.get(s, 0) for s in PROBLEMS)
@@ -126,29 +144,28 @@ class _Pages:
             reasons = [f"{waiting} instances kept in the source wait for a person (below)"]
         else:
             verdict = "ok"
-        backlog = max(0, pipeline.source_last - pipeline.cursor)
-        inflight = pipeline.inflight()
+        backlog = max(0, now.source_last - now.cursor)
         config = self._config
         return StatusView(
             version=__version__,
             command=self._command,
-            activity=_activity(pipeline, servers_down, backlog),
+            activity=_activity(now, servers_down, backlog),
             health=verdict,
             reasons=reasons,
             started=self._started,
             now=time.time(),
-            cursor=pipeline.cursor,
-            source_last_change=pipeline.source_last,
+            cursor=now.cursor,
+            source_last_change=now.source_last,
             backlog=backlog,
-            outcomes=dict(pipeline.summary.counts),
+            outcomes=now.outcomes,
             ledger=ledger,
-            rate=pipeline.throughput.per_minute(),
-            inflight_instances=inflight[0],
-            inflight_bytes=inflight[1],
-            inflight_limit_bytes=pipeline.inflight_limit,
-            decoders_alive=pipeline.decoders_alive(),
-            decoders_configured=pipeline.decoders_configured,
-            decoder_restarts=pipeline.decoder_restarts(),
+            rate=now.rate,
+            inflight_instances=now.inflight_instances,
+            inflight_bytes=now.inflight_bytes,
+            inflight_limit_bytes=now.inflight_limit,
+            decoders_alive=now.decoders_alive,
+            decoders_configured=now.decoders_configured,
+            decoder_restarts=now.decoder_restarts,
             servers=[_server_view(c, time.monotonic()) for c in health.servers],
             problems=[
                 ProblemView(e.instance_id, e.state, e.source_syntax, _no_uids(e.error), e.updated)
@@ -156,22 +173,21 @@ class _Pages:
             ],
             retry_command=f"orthanc-bridge retry -c {config.path or 'bridge.yaml'}",
             targets=state.delivery_counts() if len(config.targets) > 1 else {},
-            cluster=pipeline.cluster(),
+            cluster=now.where,
             config=without_secrets(config),
         )
 
 
-def _activity(pipeline: Pipeline, servers_down: list[str], backlog: int) -> str:
-    if pipeline.stop.is_set():
+def _activity(now: Snapshot, servers_down: list[str], backlog: int) -> str:
+    if now.stopping:
         return "stopping: finishing the instances in flight"
     if servers_down:
         return "waiting for " + " and ".join(f"the {role} Orthanc" for role in servers_down)
-    if pipeline.mode == "catching up":
+    if now.mode == "catching up":
         return f"catching up: {backlog} changes behind"
-    if pipeline.total:
-        done = sum(pipeline.summary.counts.values())
-        return f"{pipeline.mode}: {done} of {pipeline.total} instances"
-    return pipeline.mode
+    if now.total:
+        return f"{now.mode}: {now.done} of {now.total} instances"
+    return now.mode
 
 
 def _no_uids(reason: str | None) -> str | None:
