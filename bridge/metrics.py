@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,20 +29,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge import __version__
+from bridge.outcomes import PROBLEMS, Delivery
 from bridge.uids import KNOWN_SYNTAXES
-
-if TYPE_CHECKING:
-    from bridge.outcomes import Delivery
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # memory, CPU and open files of the main process
 PlatformCollector(registry=REGISTRY)
 
-OUTCOMES = ("converted", "forwarded", "failed", "unsupported", "vanished")
 STAGES = ("download", "decode", "upload", "verify", "delete")
 SERVERS = ("source", "target")
 DIRECTIONS = ("downloaded", "uploaded")
-WAITING = ("failed", "unsupported")  # the ledger states that wait for a person
 
 INSTANCES = Counter(
     "orthanc_bridge_instances",
@@ -195,7 +190,7 @@ class _Ledger(Collector):
             "for a person (`orthanc-bridge status`, then `retry`)",
             labels=["state"],
         )
-        for state in WAITING:
+        for state in PROBLEMS:
             family.add_metric([state], (counts or {}).get(state, 0))
         return family
 

@@ -20,7 +20,9 @@ VANISHED = "vanished"  # deleted from the source before the bridge got to it
 PENDING = "pending"  # re-queued by `retry`
 DELETING = "deleting"  # verified in the target; deleting the original was under way
 FINISHED = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED, SKIPPED)
-PROBLEMS = (FAILED, UNSUPPORTED)
+# What a run of an instance ends in, as the metrics and the status page count it.
+OUTCOMES = (CONVERTED, FORWARDED, FAILED, UNSUPPORTED, VANISHED)
+PROBLEMS = (FAILED, UNSUPPORTED)  # kept in the source: they wait for a person
 # What retention may delete: done for good. Failed, unsupported, pending and deleting rows are
 # work a person or the bridge still has to do, and are kept whatever their age.
 PRUNABLE = (CONVERTED, FORWARDED, SKIPPED, VANISHED)

@@ -27,7 +27,6 @@ from bridge.errors import (
     one_line,
 )
 from bridge.ledger.state import State
-from bridge.metrics import WAITING
 from bridge.outcomes import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, NewInstance
 from bridge.peers import feed
 from bridge.peers.orthanc import ChangesPage, OrthancClient
@@ -161,7 +160,7 @@ class Pipeline:
         self.source_last = 0
         self.total = 0  # instances to process, for `retry` and `reconcile`
         metrics.watch(
-            ledger=lambda: state.reader.count_in(WAITING),  # never the writer's connection
+            ledger=lambda: state.reader.count_in(PROBLEMS),  # never the writer's connection
             inflight=self.inflight,
             decoders=engine.decoders_alive,
         )

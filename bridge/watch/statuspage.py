@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-OUTCOMES = ("converted", "forwarded", "failed", "unsupported", "vanished")
-LEDGER_STATES = (*OUTCOMES, "pending", "deleting")
+from bridge.outcomes import DELETING, OUTCOMES, PENDING
+
+LEDGER_STATES = (*OUTCOMES, PENDING, DELETING)
 RATE_MINUTES = 60
 MIB = 1024 * 1024
 _DASH = "\u2013"  # an empty cell
@@ -160,7 +161,7 @@ def _progress(view: StatusView) -> str:
 
 def _counts(view: StatusView) -> str:
     extra = sorted((view.outcomes.keys() | view.ledger.keys()) - set(LEDGER_STATES))
-    shown = [*OUTCOMES, *(s for s in ("pending", "deleting") if s in view.ledger), *extra]
+    shown = [*OUTCOMES, *(s for s in (PENDING, DELETING) if s in view.ledger), *extra]
     rows = []
     for state in shown:
         run = view.outcomes.get(state, 0)
