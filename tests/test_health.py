@@ -36,6 +36,7 @@ class Clock:
 @dataclass
 class FakeClient:
     role: str
+    what: str = "Orthanc"
     server: ServerConfig = field(default_factory=lambda: ServerConfig("http://x", timeout=60))
     up: bool | None = None
     last_answer: float | None = None

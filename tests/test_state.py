@@ -13,8 +13,9 @@ import pytest
 
 from bridge.config import ServerConfig, TargetConfig
 from bridge.engine.budget import ByteBudget, Holding
+from bridge.engine.destinations import Destination, OrthancDestination
 from bridge.engine.pipeline import Progress
-from bridge.engine.transfer import Destination, Transfer
+from bridge.engine.transfer import Transfer
 from bridge.errors import Interrupted, StateError
 from bridge.jobs import Transcoded
 from bridge.ledger.state import State
@@ -147,7 +148,9 @@ def test_a_decoded_copy_is_counted_before_it_is_decoded() -> None:
         return Transcoded(b"d" * 1000, "1.2.840.10008.1.2.4.90", "1.2.3", forwarded=False)
 
     servers = cast(OrthancClient, _Servers())
-    targets = [Destination(TargetConfig("target", ServerConfig("http://b")), servers)]
+    targets: list[Destination] = [
+        OrthancDestination(TargetConfig("target", ServerConfig("http://b")), servers, stop)
+    ]
     transfer = Transfer(
         servers, targets, decode, False, stop, budget, lambda entry: None, lambda data: 1000
     )

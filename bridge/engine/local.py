@@ -14,10 +14,12 @@ from bridge.config import MIB, Config
 from bridge.decoding.pool import DecoderPool
 from bridge.dicom.header import decoded_size
 from bridge.engine.budget import ByteBudget
-from bridge.engine.transfer import Destination, Transfer
+from bridge.engine.destinations import destination_for
+from bridge.engine.transfer import Transfer
 from bridge.jobs import TranscodeOptions
 from bridge.outcomes import Entry, NewInstance
 from bridge.peers.orthanc import OrthancClient
+from bridge.peers.peer import Peer
 
 
 def transcode_options(config: Config) -> TranscodeOptions:
@@ -36,7 +38,7 @@ class LocalEngine:
         self,
         config: Config,
         source: OrthancClient,
-        targets: Sequence[OrthancClient],  # one per config.targets, in that order
+        targets: Sequence[Peer],  # one per config.targets, in that order
         record: Callable[[Entry], None],
         stop: threading.Event,
     ) -> None:
@@ -47,7 +49,10 @@ class LocalEngine:
         max_decoded = options.max_decoded_bytes  # larger ones are refused
         self._transfer = Transfer(
             source,
-            [Destination(t, client) for t, client in zip(config.targets, targets, strict=True)],
+            [
+                destination_for(target, peer, stop)
+                for target, peer in zip(config.targets, targets, strict=True)
+            ],
             self._decoder.decode,
             config.delete_original,
             stop,

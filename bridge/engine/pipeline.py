@@ -30,6 +30,7 @@ from bridge.ledger.state import State
 from bridge.outcomes import CONVERTED, DELETING, FAILED, PROBLEMS, Entry, NewInstance
 from bridge.peers import feed
 from bridge.peers.orthanc import ChangesPage, OrthancClient
+from bridge.peers.peer import Peer
 from bridge.watch.health import Health, Throughput
 from bridge.watch.snapshot import Snapshot
 
@@ -136,7 +137,7 @@ class Pipeline:
         config: Config,
         state: State,
         source: OrthancClient,
-        targets: Sequence[OrthancClient],  # one per config.targets, in that order
+        targets: Sequence[Peer],  # one per config.targets, in that order
         stop: threading.Event,
         engine: Engine,
     ) -> None:

@@ -22,13 +22,14 @@ import threading
 from dataclasses import replace
 
 from bridge import __version__
-from bridge.config import ServerConfig, target_env_prefix
+from bridge.config import ServerConfig, TargetConfig, target_env_prefix
 from bridge.decoding import zygote
 from bridge.decoding.pool import DecoderPool
 from bridge.dicom.header import decoded_size
 from bridge.engine.budget import ByteBudget
+from bridge.engine.destinations import destination_for, peer_for
 from bridge.engine.tasks import Job
-from bridge.engine.transfer import Destination, Transfer
+from bridge.engine.transfer import Transfer
 from bridge.outcomes import Entry, NewInstance
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.retry import RetryPolicy
@@ -150,12 +151,7 @@ def _transfer(job: Job) -> Transfer:
     never = threading.Event()
     retry = RetryPolicy(never, max_wait=WORKER_RETRY_SECONDS)
     source = OrthancClient(_with_credentials(job.source, "BRIDGE_SOURCE_"), "source", retry)
-    targets = [
-        Destination(
-            t, OrthancClient(_with_credentials(t.server, target_env_prefix(t.name)), t.name, retry)
-        )
-        for t in job.targets
-    ]
+    targets = [destination_for(t, peer_for(_with_secrets(t), retry), never) for t in job.targets]
     limit = job.options.max_decoded_bytes
     # Decoding in decoding processes of the worker's own, one per Dask thread, as on one
     # machine: the same memory and time limits, a decoder crash costs that process, not the
@@ -186,6 +182,16 @@ def _keep_decoders_memory() -> None:
     """
     if os.environ.get("MALLOC_TRIM_THRESHOLD_") == _DASK_TRIM_THRESHOLD:
         del os.environ["MALLOC_TRIM_THRESHOLD_"]
+
+
+def _with_secrets(target: TargetConfig) -> TargetConfig:
+    """The target with this worker's secrets from its environment, if it has them."""
+    prefix = target_env_prefix(target.name)
+    server = _with_credentials(target.server, prefix)
+    dicomweb = target.dicomweb
+    if dicomweb is not None:
+        dicomweb = replace(dicomweb, token=os.environ.get(f"{prefix}TOKEN") or None)
+    return replace(target, server=server, dicomweb=dicomweb)
 
 
 def _with_credentials(server: ServerConfig, prefix: str) -> ServerConfig:

@@ -52,10 +52,16 @@ def job(
     return Job(
         __version__,
         replace(source, password=None),
-        tuple(replace(t, server=replace(t.server, password=None)) for t in targets),
+        tuple(_without_secrets(t) for t in targets),
         options,
         delete_original,
     )
+
+
+def _without_secrets(target: TargetConfig) -> TargetConfig:
+    """The target without its password or token: each worker reads its own (see remote)."""
+    dicomweb = target.dicomweb and replace(target.dicomweb, token=None)
+    return replace(target, server=replace(target.server, password=None), dicomweb=dicomweb)
 
 
 def version() -> str:

@@ -20,16 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.config import TargetConfig
 from bridge.dicom.header import transfer_syntax
 from bridge.dicom.implicit import to_implicit
 from bridge.engine.budget import ByteBudget
+from bridge.engine.destinations import Copy, Destination
 from bridge.errors import (
     Interrupted,
     NotFound,
     PermanentError,
     UnsupportedSyntax,
-    VerificationFailed,
     readable,
 )
 from bridge.jobs import Transcoded
@@ -54,33 +53,6 @@ from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[bytes], Transcoded]
-
-
-@dataclass
-class Destination:
-    """One target: its settings and rules, and a client for it."""
-
-    config: TargetConfig
-    client: OrthancClient
-    # Whether an upload answered Success was found stored as sent. Until then every upload is
-    # checked: a target that transcodes what arrives (IngestTranscoding, a Lua filter) says
-    # Success too. Once one was, Success is trusted, saving a request per instance (2% of
-    # the throughput), except before deleting an original: that copy is always checked.
-    keeps_what_it_gets: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-
-@dataclass
-class _Copy:
-    """What one target is sent, and what it must then hold."""
-
-    data: bytes | bytearray
-    syntax: str
-    state: str  # CONVERTED or FORWARDED
-    passed_through: bool  # an undecodable syntax passed on (forward_unchanged): never deleted
 
 
 @dataclass
@@ -139,7 +111,7 @@ class Transfer:
         syntax = transfer_syntax(data)
         converting = any(actions[t.name] == CONVERT for t in takers)
         delivered: list[Delivery] = list(skipped)
-        copies: list[_Copy] = []
+        copies: list[Copy] = []
         with self.budget.holding() as holding:
             # Room for the decoded copy is taken now, while waiting holds nothing up; once a
             # worker has decoded it, its transfer thread must read it whatever the budget says.
@@ -159,12 +131,12 @@ class Transfer:
                 # Only the converted copy is needed from here: free the original's share.
                 data = b""
                 holding.set(len(result.data))
-            converted: dict[str, _Copy] = {}  # by output syntax: each one written once
+            converted: dict[str, Copy] = {}  # by output syntax: each one written once
             for target in takers:
                 self._checkpoint()
                 try:
                     if actions[target.name] == FORWARD:
-                        copy = _Copy(data, syntax or "", FORWARDED, passed_through=False)
+                        copy = Copy(data, syntax or "", FORWARDED, passed_through=False)
                     elif problem is not None:
                         delivered.append(Delivery(target.name, *problem))
                         continue
@@ -174,7 +146,7 @@ class Transfer:
                         if wanted not in converted:
                             converted[wanted] = _converted(result, wanted)
                         copy = converted[wanted]
-                    self._store(target, iid, copy)
+                    target.store(iid, copy, verify=self.delete_original)
                 except PermanentError as exc:
                     delivered.append(Delivery(target.name, FAILED, _one_line(exc)))
                     continue
@@ -277,47 +249,21 @@ class Transfer:
         )
         return Entry(iid, item.seq, VANISHED, error="deleted from the source before transfer")
 
-    def _store(self, target: Destination, iid: str, copy: _Copy) -> None:
-        client, expected = target.client, copy.syntax
-        with STAGE["upload"].time():
-            stored = client.upload(copy.data)
-        if stored.instance_id != iid:
-            # Same UIDs, yet another ID: Orthanc read an identifier differently in the two
-            # files (e.g. a PatientID stored with VR UN in the original). Verify that copy.
-            log.warning("instance %s: %s files it as %s", iid, target.name, stored.instance_id)
-        if stored.status == "Success" and target.keeps_what_it_gets and not self.delete_original:
-            return
-        with STAGE["verify"].time():
-            held = client.transfer_syntax(stored.instance_id)
-        if held == expected and stored.status == "Success":
-            target.keeps_what_it_gets = True
-        if held != expected and stored.status == "AlreadyStored":
-            # The target kept an older copy (compressed, or sent by something else): replace it.
-            log.info("instance %s: %s held it as %s; replacing that copy", iid, target.name, held)
-            self._checkpoint()
-            client.delete(stored.instance_id)
-            client.upload(copy.data)
-            held = client.transfer_syntax(stored.instance_id)
-        if held != expected:
-            raise VerificationFailed(
-                f"after upload {target.name} holds it as {held or 'nothing'}, expected {expected}"
-            )
-
     def _checkpoint(self) -> None:
         """Abandon the instance here when shutting down; nothing of it is recorded."""
         if self.stop.is_set():
             raise Interrupted("shutting down")
 
 
-def _converted(result: Transcoded, syntax: str) -> _Copy:
+def _converted(result: Transcoded, syntax: str) -> Copy:
     """What a target that converts into `syntax` is sent."""
     if result.forwarded and result.source_syntax != EXPLICIT_VR_LITTLE_ENDIAN:
         # forward_unchanged: a syntax no decoder here reads, passed on as it is.
-        return _Copy(result.data, result.source_syntax, FORWARDED, passed_through=True)
+        return Copy(result.data, result.source_syntax, FORWARDED, passed_through=True)
     # Converted, or already Explicit VR Little Endian (then sent as it came, and counted as
     # converted: the target holds what it must).
     data = result.data if syntax == EXPLICIT_VR_LITTLE_ENDIAN else to_implicit(result.data)
-    return _Copy(data, syntax, CONVERTED, passed_through=False)
+    return Copy(data, syntax, CONVERTED, passed_through=False)
 
 
 def _listing(delivered: tuple[Delivery, ...]) -> str:

@@ -86,6 +86,8 @@ class OrthancClient:
     log is read from one node, the next one only when it stops answering.
     """
 
+    what = "Orthanc"
+
     def __init__(self, server: ServerConfig, role: str, retry: RetryPolicy) -> None:
         self.server = server
         self.role = role
@@ -112,6 +114,11 @@ class OrthancClient:
         self.last_answer: float | None = None
         self.last_failure: float | None = None
         self.last_error: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The URL of its first node."""
+        return self.server.url
 
     @property
     def up(self) -> bool | None:

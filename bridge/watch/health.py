@@ -20,6 +20,7 @@ from functools import partial
 from bridge.errors import BridgeError
 from bridge.ledger.state import State
 from bridge.peers.orthanc import OrthancClient
+from bridge.peers.peer import Peer
 from bridge.peers.retry import RetryPolicy
 
 # A server that has not answered for this long, even between transfers, is not ready.
@@ -61,12 +62,12 @@ class Health:
     def __init__(
         self,
         source: OrthancClient,
-        targets: Sequence[OrthancClient],
+        targets: Sequence[Peer],
         state: State,
         poll_interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.servers = (source, *targets)
+        self.servers: tuple[Peer, ...] = (source, *targets)
         # More reasons not to be ready, each None when all is well (the cluster's, for one).
         self.checks: list[Callable[[], str | None]] = []
         self._state = state
@@ -99,7 +100,7 @@ class Health:
         reasons = []
         now = self._clock()
         for client in self.servers:
-            name = f"the {client.role} Orthanc"
+            name = f"the {client.role} {client.what}"
             if client.up is None:
                 reasons.append(f"{name} has not answered yet")
             elif not client.up:
@@ -138,7 +139,7 @@ class Health:
             if self._stop.wait(PROBE_EVERY):
                 return
 
-    def _probe(self, client: OrthancClient) -> None:
+    def _probe(self, client: Peer) -> None:
         last = client.last_answer
         if last is not None and self._clock() - last < PROBE_EVERY and client.up:
             return  # transfers just proved it answers

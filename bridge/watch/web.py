@@ -29,7 +29,7 @@ from bridge.config import Config, HttpConfig
 from bridge.errors import ConfigError, one_line
 from bridge.ledger.state import LedgerReads
 from bridge.outcomes import PENDING, PROBLEMS
-from bridge.peers.orthanc import OrthancClient
+from bridge.peers.peer import Peer
 from bridge.watch.health import Health
 from bridge.watch.snapshot import Snapshot
 from bridge.watch.statuspage import ProblemView, ServerView, StatusView, render
@@ -134,7 +134,7 @@ class _Pages:
         reasons = health.readiness()
         ledger = state.counts()
         waiting = sum(ledger.get(s, 0) for s in PROBLEMS)
-        servers_down = [c.role for c in health.servers if not c.up]
+        servers_down = [f"the {c.role} {c.what}" for c in health.servers if not c.up]
         if health.liveness() or health.state_problem:
             verdict = "attention"
         elif reasons:
@@ -182,7 +182,7 @@ def _activity(now: Snapshot, servers_down: list[str], backlog: int) -> str:
     if now.stopping:
         return "stopping: finishing the instances in flight"
     if servers_down:
-        return "waiting for " + " and ".join(f"the {role} Orthanc" for role in servers_down)
+        return "waiting for " + " and ".join(servers_down)
     if now.mode == "catching up":
         return f"catching up: {backlog} changes behind"
     if now.total:
@@ -196,10 +196,10 @@ def _no_uids(reason: str | None) -> str | None:
     return _SOP_UID.sub("SOP Instance UID in the log", reason) if reason else reason
 
 
-def _server_view(client: OrthancClient, now: float) -> ServerView:
+def _server_view(client: Peer, now: float) -> ServerView:
     age = now - client.last_answer if client.last_answer is not None else None
     return ServerView(
-        client.role, client.server.url, client.up, age, None if client.up else client.last_error
+        client.role, client.address, client.up, age, None if client.up else client.last_error
     )
 
 
