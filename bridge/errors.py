@@ -47,6 +47,11 @@ class NotFound(Rejected):
     """Raised when an Orthanc server answers 404 (e.g. the instance was deleted meanwhile)."""
 
 
+class StoreFailed(Rejected):
+    """Raised when a target answers that it did not store an instance (a STOW-RS Failure
+    Reason, an answer that does not list it), with the code and its meaning."""
+
+
 class DecodeError(PermanentError):
     """Raised when an instance cannot be parsed or its pixel data cannot be decoded."""
 

@@ -2,8 +2,9 @@
 
 The servers are Debian's /usr/sbin/Orthanc (override with ORTHANC_BINARY, e.g.
 `ORTHANC_BINARY=scripts/orthanc-next` for Debian 13's Orthanc 1.12), started on free loopback ports
-with a generated configuration that loads no plugin. A missing binary raises an error instead of
-skipping: in CI a missing Orthanc must fail the tests, not hide them.
+with a generated configuration that loads no plugin (the DICOMweb one only when asked: `dicomweb`).
+A missing binary raises an error instead of skipping: in CI a missing Orthanc must fail the tests,
+not hide them.
 
 Every test that runs Orthanc carries the `orthanc` marker (tests/conftest.py adds it to the users
 of the fixtures), so that `pytest -m orthanc` is the whole real-server suite: starting a server
@@ -45,6 +46,8 @@ def _binary_from_env(name: str, default: str) -> Path:
 ORTHANC_BINARY = _binary_from_env("ORTHANC_BINARY", "/usr/sbin/Orthanc")
 STORESCP_BINARY = Path(os.environ.get("STORESCP_BINARY", "/usr/bin/storescp"))
 INSTALL_HINT = "run scripts/setup.sh (apt-get install orthanc dcmtk)"
+# Debian's orthanc-dicomweb; the same path in the Debian 13 root of scripts/orthanc-next.
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
@@ -276,6 +279,7 @@ class OrthancServer:
         aet: str | None = None,
         env: Mapping[str, str] | None = None,
         verbose: bool = False,
+        dicomweb: bool = False,
     ) -> None:
         self.name = name
         self.workdir = workdir
@@ -287,6 +291,7 @@ class OrthancServer:
         # Added to Orthanc's environment: its configuration may say "${NAME}".
         self.env = dict(env or {})
         self.verbose = verbose
+        self.dicomweb = dicomweb  # load the DICOMweb plugin, its root at dicomweb_url
         # Chosen once: restart() must come back on the same ports, as a real server would.
         self.http_port, self.dicom_port = free_ports(2)
         self.config_path = workdir / "orthanc.json"
@@ -302,6 +307,11 @@ class OrthancServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb service root (with `dicomweb=True`)."""
+        return f"{self.url}/dicom-web"
 
     @property
     def auth(self) -> tuple[str, str] | None:
@@ -338,6 +348,9 @@ class OrthancServer:
             # Otherwise every C-STORE to a modality leaves its association open for 5 s.
             "DicomAssociationCloseDelay": 0,
         }
+        if self.dicomweb:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         config.update(self.extra_config)
         return config
 

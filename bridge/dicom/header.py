@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from bridge.uids import (
@@ -46,6 +47,8 @@ _ROWS, _COLUMNS, _SAMPLES, _FRAMES, _BITS = (
     0x00280100,
 )
 _WANTED = {_ROWS, _COLUMNS, _SAMPLES, _FRAMES, _BITS}
+_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES = 0x00080016, 0x00080018, 0x0020000D, 0x0020000E
+_UIDS = {_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES}
 _INFLATE_AT_MOST = 1 << 20  # the image attributes come long before the first MiB
 _MAX_ELEMENTS = 100_000
 
@@ -105,6 +108,33 @@ def transfer_syntax(data: bytes | bytearray) -> str | None:
     return syntax if 0 < len(syntax) <= 64 else None  # a UID has at most 64 characters
 
 
+@dataclass(frozen=True)
+class Identifiers:
+    """The UIDs that name an instance, as its file declares them."""
+
+    study: str
+    series: str
+    sop_instance: str
+    sop_class: str  # "" when the file lacks it
+
+
+def identifiers(data: bytes | bytearray) -> Identifiers | None:
+    """The study, series, SOP instance and SOP class UIDs of a DICOM file; None when they
+    cannot be read or the study, series or SOP instance UID is missing."""
+    try:
+        values, _ = _values(memoryview(data), _UIDS, _SERIES)
+    except (_Unreadable, struct.error, ValueError, zlib.error, RecursionError):
+        return None
+    uids = {tag: value.rstrip(b"\0 ").decode("ascii", "replace") for tag, value in values.items()}
+    found = Identifiers(
+        uids.get(_STUDY, ""),
+        uids.get(_SERIES, ""),
+        uids.get(_SOP_INSTANCE, ""),
+        uids.get(_SOP_CLASS, ""),
+    )
+    return found if found.study and found.series and found.sop_instance else None
+
+
 def _file_meta(data: memoryview) -> tuple[str, int]:
     """The transfer syntax UID ("" if absent) and where the dataset after the meta begins."""
     if len(data) < 132 or bytes(data[128:132]) != _DICM:
@@ -119,6 +149,13 @@ def _file_meta(data: memoryview) -> tuple[str, int]:
 
 
 def _image_attributes(data: memoryview) -> dict[int, int]:
+    values, little = _values(data, _WANTED, _BITS)
+    return {tag: _number(tag, raw, little) for tag, raw in values.items()}
+
+
+def _values(data: memoryview, wanted: Collection[int], last: int) -> tuple[dict[int, bytes], bool]:
+    """The raw values of the `wanted` top-level elements (none after tag `last`), and whether
+    the dataset is little endian."""
     syntax, start = _file_meta(data)
     body = data
     if syntax == DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN:
@@ -133,16 +170,16 @@ def _image_attributes(data: memoryview) -> dict[int, int]:
             little=syntax != EXPLICIT_VR_BIG_ENDIAN,
             implicit=syntax == IMPLICIT_VR_LITTLE_ENDIAN,
         )
-    values: dict[int, int] = {}
+    values: dict[int, bytes] = {}
     for _ in range(_MAX_ELEMENTS):
         if reader.pos >= len(body):
             break
         tag, value = reader.element()
-        if tag > _BITS:
+        if tag > last:
             break
-        if tag in _WANTED and value is not None:
-            values[tag] = _number(tag, bytes(value), reader.little)
-    return values
+        if tag in wanted and value is not None:
+            values[tag] = bytes(value)
+    return values, reader.little
 
 
 def _number(tag: int, raw: bytes, little: bool) -> int:
