@@ -469,6 +469,8 @@ class _Pending:
 
     data: bytes | bytearray
     alone: bool  # sent in a request of its own
+    wake: threading.Condition  # its caller waits on it, over the Batcher's one lock
+    waiting: bool = False  # its caller waits (and is not sending another request)
     outcome: StoreOutcome | None = None
     error: BaseException | None = None
 
@@ -498,7 +500,7 @@ class Batcher:
         self.batch_size = max(1, batch_size)
         self.batch_bytes = int(batch_mb * 2**20)
         self.posts = max(1, posts)
-        self._changed = threading.Condition()
+        self._lock = threading.Lock()
         self._queue: deque[_Pending] = deque()
         self._sending = 0
 
@@ -528,24 +530,40 @@ class Batcher:
     def _submit(self, data: bytes | bytearray, alone: bool) -> StoreOutcome:
         """Queue one instance, send requests while a slot is free and it waits, and return
         its outcome (or raise what failed its request)."""
-        item = _Pending(data, alone)
-        with self._changed:
+        # Each caller waits on its own condition and is woken only when its instance is done
+        # or a slot is its to take: with one shared condition, every answer woke every
+        # waiting thread, and 8 threads cost 1 ms of CPU more per instance (notify_all).
+        item = _Pending(data, alone, threading.Condition(self._lock))
+        with self._lock:
             self._queue.append(item)
-        while True:
-            with self._changed:
-                self._changed.wait_for(
-                    lambda: item.done or (self._sending < self.posts and bool(self._queue))
-                )
+            while True:
                 if item.done:
                     return _result(item)
-                batch = self._take()
-                self._sending += 1
-            try:
-                self._send(batch)
-            finally:
-                with self._changed:
-                    self._sending -= 1
-                    self._changed.notify_all()
+                if self._sending < self.posts and self._queue:
+                    batch = self._take()
+                    self._sending += 1
+                    self._wake_next()  # another slot may be free too
+                    self._lock.release()
+                    try:
+                        self._send(batch)
+                    finally:
+                        self._lock.acquire()
+                        self._sending -= 1
+                        self._wake_next()
+                else:
+                    item.waiting = True
+                    item.wake.wait()
+                    item.waiting = False
+
+    def _wake_next(self) -> None:
+        """Wake the first waiting caller of a queued instance if a slot is free for it to
+        take (called holding the lock)."""
+        if self._sending < self.posts:
+            for pending in self._queue:
+                if pending.waiting:
+                    pending.waiting = False  # woken: the next call wakes another
+                    pending.wake.notify()
+                    return
 
     def _take(self) -> list[_Pending]:
         """The next request's instances, in the order they came (called holding the lock)."""
@@ -564,17 +582,22 @@ class Batcher:
         try:
             outcomes = self.client.store_batch([item.data for item in batch])
         except BaseException as exc:
-            with self._changed:
-                for item in batch:
-                    item.error = exc
-                self._changed.notify_all()
+            self._finish(batch, [None] * len(batch), exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt, SystemExit: after the others were told
             return
-        with self._changed:
+        self._finish(batch, outcomes, None)
+
+    def _finish(
+        self,
+        batch: list[_Pending],
+        outcomes: Sequence[StoreOutcome | None],
+        error: BaseException | None,
+    ) -> None:
+        with self._lock:
             for item, outcome in zip(batch, outcomes, strict=True):
-                item.outcome = outcome
-            self._changed.notify_all()
+                item.outcome, item.error = outcome, error
+                item.wake.notify()
 
 
 def _result(item: _Pending) -> StoreOutcome:

@@ -447,6 +447,20 @@ def test_callers_that_arrive_during_a_request_share_the_next_ones() -> None:
     }
 
 
+@pytest.mark.parametrize("posts", [1, 2, 3])
+def test_many_callers_each_get_their_own_outcome_whatever_the_interleaving(posts: int) -> None:
+    client = _Recording(stored)
+    client.release.set()
+    batcher = Batcher(client, batch_size=5, posts=posts)
+    items = [f"i{n}".encode() for n in range(400)]
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(batcher.store, items))
+    assert [outcome.reason for outcome in outcomes] == [data.decode() for data in items]
+    assert sorted(data for batch in client.batches for data in batch) == sorted(items)
+    assert max(len(batch) for batch in client.batches) <= 5
+    assert batcher.queued == 0
+
+
 def test_a_batch_holds_at_most_batch_mb_and_a_larger_instance_goes_alone() -> None:
     client = _Recording(stored)
     mib = 2**20
