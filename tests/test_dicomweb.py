@@ -302,7 +302,7 @@ def test_an_instance_an_answer_does_not_list_is_not_stored() -> None:
     )
 
 
-def test_a_request_too_large_is_split_in_halves_until_it_passes() -> None:
+def test_a_request_too_large_is_split_in_halves_until_it_passes_and_remembered() -> None:
     files = ct_files(5)
 
     def respond(sent: list[str]) -> tuple[int, str, bytes]:
@@ -311,9 +311,13 @@ def test_a_request_too_large_is_split_in_halves_until_it_passes() -> None:
         return json_answer(200, stow_answer(sent))
 
     with archive_answering(respond) as archive:
-        outcomes = client_for(archive.url).store_batch(files)
-    assert [len(request) for request in archive.sent] == [5, 2, 3, 1, 2]
-    assert all(o.stored for o in outcomes)
+        client = client_for(archive.url)
+        outcomes = client.store_batch(files)
+        assert [len(request) for request in archive.sent] == [5, 2, 3, 1, 2]
+        assert all(o.stored for o in outcomes)
+        # What was refused is not sent again at that size: split before it goes.
+        assert all(o.stored for o in client.store_batch(ct_files(5)))
+        assert [len(request) for request in archive.sent[5:]] == [2, 1, 2]
     with archive_answering(lambda sent: (413, "text/plain", b"too large")) as archive:
         (alone,) = client_for(archive.url).store_batch(files[:1])
     assert not alone.stored and not alone.transient
@@ -439,7 +443,7 @@ def store_concurrently(
 def test_callers_that_arrive_during_a_request_share_the_next_ones() -> None:
     client = _Recording(stored)
     items = [f"i{n}".encode() for n in range(8)]
-    results = store_concurrently(Batcher(client, batch_size=4), items)
+    results = store_concurrently(Batcher(client, batch_size=4, posts=1), items)
     assert [len(batch) for batch in client.batches] == [1, 4, 3]
     # Each caller gets the outcome of its own instance.
     assert {data: getattr(outcome, "reason", None) for data, outcome in results.items()} == {
@@ -465,7 +469,7 @@ def test_a_batch_holds_at_most_batch_mb_and_a_larger_instance_goes_alone() -> No
     client = _Recording(stored)
     mib = 2**20
     items = [b"0" * 10, b"a" * mib, b"b" * mib, b"c" * (3 * mib), b"d" * mib]
-    store_concurrently(Batcher(client, batch_size=10, batch_mb=2.5), items)
+    store_concurrently(Batcher(client, batch_size=10, batch_mb=2.5, posts=1), items)
     assert [[data[:1] for data in batch] for batch in client.batches] == [
         [b"0"],
         [b"a", b"b"],
@@ -482,7 +486,7 @@ def test_after_a_failed_request_each_of_its_instances_is_retried_alone() -> None
 
     client = _Recording(answer)
     items = [f"i{n}".encode() for n in range(4)]
-    results = store_concurrently(Batcher(client, batch_size=4), items)
+    results = store_concurrently(Batcher(client, batch_size=4, posts=1), items)
     assert [len(batch) for batch in client.batches] == [1, 3, 1, 1, 1, 1]
     assert all(isinstance(outcome, StoreOutcome) for outcome in results.values())
 
