@@ -20,14 +20,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from bridge.config import ServerConfig
-from bridge.dicomweb import (
-    Batcher,
-    DicomWebClient,
-    StoreOutcome,
-    parse_stow,
-    status_meaning,
-    transient_failure,
-)
+from bridge.dicom.header import Identifiers, identifiers
 from bridge.errors import (
     AccessDenied,
     ServerUnavailable,
@@ -35,8 +28,16 @@ from bridge.errors import (
     TransientError,
     VerificationFailed,
 )
-from bridge.header import Identifiers, identifiers
-from bridge.retry import RetryPolicy, no_retry
+from bridge.peers.dicomweb import (
+    Batcher,
+    DicomWebClient,
+    StoreOutcome,
+    parse_stow,
+    status_meaning,
+    transient_failure,
+)
+from bridge.peers.peer import Listing, Peer
+from bridge.peers.retry import RetryPolicy, no_retry
 from tests.conftest import MakeOrthanc
 from tests.orthanc import OrthancServer, free_ports, orthanc_version, pydicom_test_files
 from tests.polling import wait_for
@@ -175,6 +176,34 @@ def test_status_codes_have_their_meanings_and_only_lack_of_resources_passes() ->
     ]
 
 
+@pytest.mark.parametrize(
+    "syntax",
+    [
+        pydicom.uid.ExplicitVRLittleEndian,
+        pydicom.uid.ImplicitVRLittleEndian,
+        pydicom.uid.ExplicitVRBigEndian,
+        pydicom.uid.DeflatedExplicitVRLittleEndian,
+    ],
+)
+def test_the_uids_are_read_from_the_file_without_pydicom_in_any_encoding(syntax: str) -> None:
+    ds = pydicom.dcmread(pydicom_test_files() / "CT_small.dcm")
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID(syntax)
+    buffer = io.BytesIO()
+    # dcmwrite: save_as refuses to change the byte order (the pixels would need swapping,
+    # which does not matter here).
+    pydicom.dcmwrite(buffer, ds, enforce_file_format=True)
+    assert identifiers(buffer.getvalue()) == Identifiers(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SOPClassUID
+    )
+    assert identifiers(buffer.getvalue()[:200]) is None  # cut before the UIDs
+
+
+def test_the_client_is_a_peer_and_a_listing() -> None:
+    client: Peer = client_for("http://archive.example/dicom-web")
+    assert isinstance(client, Listing)
+    assert (client.what, client.address) == ("DICOMweb archive", "http://archive.example/dicom-web")
+
+
 # --- a stand-in archive --------------------------------------------------------------------------
 
 Respond = Callable[[list[str]], tuple[int, str, bytes]]
@@ -236,7 +265,7 @@ def archive_answering(respond: Respond) -> Iterator[type[_Archive]]:
 def client_for(
     url: str, token: str | None = None, retry: RetryPolicy | None = None
 ) -> DicomWebClient:
-    return DicomWebClient(ServerConfig(url, timeout=5), "archive", retry or no_retry(), token)
+    return DicomWebClient(ServerConfig(url, timeout=5), "research", retry or no_retry(), token)
 
 
 def json_answer(status: int, body: bytes) -> tuple[int, str, bytes]:
@@ -266,7 +295,7 @@ def test_a_partial_success_is_read_per_instance_and_the_unlisted_one_is_asked_ag
     assert [o.instance for o in outcomes] == [uids(f) for f in files]
     assert outcomes[1].reason == "warning B000, coercion of data elements"
     assert outcomes[2].reason == (
-        "archive DICOMweb did not store it: failure reason A900, data set does not match "
+        "research DICOMweb archive did not store it: failure reason A900, data set does not match "
         "SOP class (HTTP 202)"
     )
     assert "A700, out of resources" in outcomes[3].reason
@@ -297,8 +326,8 @@ def test_an_instance_an_answer_does_not_list_is_not_stored() -> None:
     assert outcomes[0].stored
     assert not outcomes[1].stored and not outcomes[1].transient
     assert outcomes[1].reason == (
-        "archive DICOMweb: its answer (HTTP 200) lists it neither as stored nor as failed: "
-        "not stored"
+        "research DICOMweb archive: its answer (HTTP 200) lists it neither as stored nor as "
+        "failed: not stored"
     )
 
 
@@ -321,7 +350,7 @@ def test_a_request_too_large_is_split_in_halves_until_it_passes_and_remembered()
     with archive_answering(lambda sent: (413, "text/plain", b"too large")) as archive:
         (alone,) = client_for(archive.url).store_batch(files[:1])
     assert not alone.stored and not alone.transient
-    assert alone.reason == "archive DICOMweb refused it: HTTP 413: too large"
+    assert alone.reason == "research DICOMweb archive refused it: HTTP 413: too large"
 
 
 def test_an_answer_that_is_not_dicom_json_fails_each_instance_with_the_reason() -> None:
@@ -333,25 +362,28 @@ def test_an_answer_that_is_not_dicom_json_fails_each_instance_with_the_reason() 
     # Taken, but what was kept cannot be told: sent again later, never recorded as failed.
     assert all(not o.stored and o.transient for o in outcomes)
     assert outcomes[0].reason == (
-        "archive DICOMweb answered HTTP 200 with something that is not DICOM JSON (text/html): "
-        "<html>Please log in</html>; it is sent again later"
+        "research DICOMweb archive answered HTTP 200 with something that is not DICOM JSON "
+        "(text/html): <html>Please log in</html>; it is sent again later"
     )
     with archive_answering(lambda sent: (415, "text/plain", b"Unsupported media type")) as archive:
         outcomes = client_for(archive.url).store_batch(files)
     assert all(not o.stored and not o.transient for o in outcomes)
-    assert outcomes[0].reason == "archive DICOMweb refused it: HTTP 415: Unsupported media type"
+    assert (
+        outcomes[0].reason
+        == "research DICOMweb archive refused it: HTTP 415: Unsupported media type"
+    )
 
 
 def test_whole_request_failures_raise_and_an_unreadable_file_is_not_sent() -> None:
     files = ct_files(1)
-    busy = r"archive DICOMweb \(store 1 instances\).*503"
+    busy = r"research DICOMweb archive \(store 1 instances\).*503"
     with (
         archive_answering(lambda sent: (503, "text/plain", b"busy")) as archive,
         pytest.raises(ServerUnavailable, match=busy),
     ):
         client_for(archive.url).store_batch(files)
     with archive_answering(lambda sent: (403, "text/plain", b"")) as archive:
-        with pytest.raises(AccessDenied, match=r"HTTP 403, check archive\.username and password"):
+        with pytest.raises(AccessDenied, match=r"HTTP 403, check research\.username and password"):
             client_for(archive.url).store_batch(files)
         (outcome,) = client_for(archive.url).store_batch([b"not DICOM"])
         assert len(archive.sent) == 1  # the unreadable one was never sent
@@ -366,12 +398,12 @@ def test_a_bearer_token_replaces_basic_auth_and_is_never_shown() -> None:
         (outcome,) = client_for(url, token="s3cret-token").store_batch(files)
         assert outcome.stored
         config = ServerConfig(url, username="user", password="pw", timeout=5)
-        DicomWebClient(config, "archive", no_retry()).store_batch(files)
+        DicomWebClient(config, "research", no_retry()).store_batch(files)
         with pytest.raises(AccessDenied) as refused:  # GET answers 401 here
             client_for(url, token="s3cret-token").probe()
     assert archive.authorization[0] == "Bearer s3cret-token"
     assert archive.authorization[1] == "Basic dXNlcjpwdw=="  # user:pw
-    assert str(refused.value).endswith("HTTP 401, check archive's token")
+    assert str(refused.value).endswith("HTTP 401, check research's token")
     assert "s3cret" not in str(refused.value)
 
 
@@ -481,7 +513,7 @@ def test_a_batch_holds_at_most_batch_mb_and_a_larger_instance_goes_alone() -> No
 def test_after_a_failed_request_each_of_its_instances_is_retried_alone() -> None:
     def answer(batch: list[bytes]) -> list[StoreOutcome]:
         if len(client.batches) <= 2:
-            raise ServerUnavailable("archive DICOMweb (store): HTTP 500")
+            raise ServerUnavailable("research DICOMweb archive (store): HTTP 500")
         return stored(batch)
 
     client = _Recording(answer)
@@ -522,7 +554,7 @@ def archive(make_orthanc: MakeOrthanc) -> OrthancServer:
 def archive_client(server: OrthancServer, password: str | None = None) -> DicomWebClient:
     user, secret = next(iter(server.users.items()), (None, None))
     config = ServerConfig(server.dicomweb_url, user, password or secret, timeout=10)
-    return DicomWebClient(config, "archive", no_retry())
+    return DicomWebClient(config, "research", no_retry())
 
 
 def wado_retrieve(server: OrthancServer, instance: Identifiers) -> bytes:
@@ -612,7 +644,7 @@ def test_up_credentials_and_a_server_that_goes_down(archive: OrthancServer) -> N
     client = archive_client(archive)
     client.probe()
     assert client.up is True
-    with pytest.raises(AccessDenied, match=r"HTTP 401, check archive\.username and password"):
+    with pytest.raises(AccessDenied, match=r"HTTP 401, check research\.username and password"):
         archive_client(archive, password="wrong").store_batch(ct_files(1))
     archive.kill()
     with pytest.raises(ServerUnavailable, match="cannot reach"):

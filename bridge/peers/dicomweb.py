@@ -1,7 +1,7 @@
 """A DICOMweb archive as a target: STOW-RS stores, WADO-RS verifies, QIDO-RS answers and lists.
 
 The client speaks to a service root (`http://host:8042/dicom-web`) through the one HTTP layer
-(bridge.http): the same timeouts, TLS, proxies and error translation as the Orthanc client,
+(bridge.peers.http): the same timeouts, TLS, proxies and error translation as the Orthanc client,
 with basic auth or a bearer token.
 
 How a STOW-RS answer is read, per instance (PS3.18 10.5): listed in the Failed SOP Sequence
@@ -45,6 +45,7 @@ from urllib.parse import quote
 
 from bridge import metrics
 from bridge.config import ServerConfig
+from bridge.dicom.header import Identifiers, identifiers
 from bridge.errors import (
     BridgeError,
     NotFound,
@@ -53,10 +54,9 @@ from bridge.errors import (
     TransientError,
     VerificationFailed,
 )
-from bridge.header import Identifiers, identifiers
-from bridge.http import Answer, HttpClient, error_detail
-from bridge.orthanc import instance_id
-from bridge.retry import RetryPolicy
+from bridge.peers.http import Answer, HttpClient, error_detail
+from bridge.peers.orthanc import instance_id
+from bridge.peers.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _WARNING_REASON = "00081196"
 _SOP_INSTANCE = "00080018"
 _TRANSFER_SYNTAX = "00020010"
 _AVAILABLE_SYNTAXES = "00083002"
-# What reconcile needs of each instance to compute its Orthanc ID (bridge.orthanc.instance_id).
+# What reconcile needs of an instance for its Orthanc ID (bridge.peers.orthanc.instance_id).
 _LISTED = ("00100020", "0020000D", "0020000E", "00080018")
 
 # Meanings of STOW-RS Failure and Warning Reasons: PS3.18 Table 10.5.3-1 and the storage
@@ -222,7 +222,7 @@ class DicomWebClient(HttpClient):
     of basic auth.
     """
 
-    SERVER = "DICOMweb"
+    what = "DICOMweb archive"
 
     def __init__(
         self, server: ServerConfig, role: str, retry: RetryPolicy, token: str | None = None
@@ -252,7 +252,7 @@ class DicomWebClient(HttpClient):
                 outcomes[index] = StoreOutcome(
                     None,
                     False,
-                    f"{self.role} {self.SERVER}: not sent, its study, series and SOP instance "
+                    f"{self.role} {self.what}: not sent, its study, series and SOP instance "
                     "UIDs cannot be read from the file",
                 )
             else:
@@ -326,7 +326,7 @@ class DicomWebClient(HttpClient):
         self, instance: Identifiers, answer: Answer, listed: StowAnswer | None, alone: bool
     ) -> StoreOutcome | None:
         """What `answer` says of `instance`; None when it does not tell and others shared it."""
-        name, status, uid = f"{self.role} {self.SERVER}", answer.status, instance.sop_instance
+        name, status, uid = f"{self.role} {self.what}", answer.status, instance.sop_instance
         if listed is not None and uid in listed.failed:
             code = listed.failed[uid]
             if code is None:
@@ -391,7 +391,7 @@ class DicomWebClient(HttpClient):
             document = json.loads(body) if body.strip() else []  # 204: none
         except ValueError:
             raise Rejected(
-                f"{self.role} {self.SERVER}: the metadata of {instance.sop_instance} is not JSON"
+                f"{self.role} {self.what}: the metadata of {instance.sop_instance} is not JSON"
             ) from None
         for dataset in document if isinstance(document, list) else [document]:
             if isinstance(dataset, dict) and _first(dataset.get(_SOP_INSTANCE)) == (
@@ -428,7 +428,7 @@ class DicomWebClient(HttpClient):
     # --- QIDO-RS --------------------------------------------------------------------------
 
     def instance_pages(self, page: int = 1000) -> Iterator[list[str]]:
-        """The Orthanc ID (bridge.orthanc.instance_id) of every instance QIDO-RS lists, one
+        """The Orthanc ID (bridge.peers.orthanc.instance_id) of every instance QIDO-RS lists, one
         page of at most `page` at a time, paged with limit and offset."""
         fields = [("includefield", tag) for tag in _LISTED]
         offset, previous = 0, None
@@ -442,13 +442,13 @@ class DicomWebClient(HttpClient):
             except ValueError:
                 rows = None
             if not isinstance(rows, list):
-                raise Rejected(f"{self.role} {self.SERVER}: /instances did not answer a list")
+                raise Rejected(f"{self.role} {self.what}: /instances did not answer a list")
             if not rows:
                 return
             # A server that ignores offset would answer the same page for ever.
             if rows[0] == previous:
                 raise Rejected(
-                    f"{self.role} {self.SERVER}: /instances answered the same page at offset "
+                    f"{self.role} {self.what}: /instances answered the same page at offset "
                     f"{offset}: it does not page with limit and offset"
                 )
             previous = rows[0]
