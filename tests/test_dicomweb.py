@@ -345,7 +345,7 @@ def test_a_request_too_large_is_split_in_halves_until_it_passes_and_remembered()
         assert [len(request) for request in archive.sent] == [5, 2, 3, 1, 2]
         assert all(o.stored for o in outcomes)
         # What was refused is not sent again at that size: split before it goes.
-        assert all(o.stored for o in client.store_batch(ct_files(5)))
+        assert all(o.stored for o in client.store_batch(files))
         assert [len(request) for request in archive.sent[5:]] == [2, 1, 2]
     with archive_answering(lambda sent: (413, "text/plain", b"too large")) as archive:
         (alone,) = client_for(archive.url).store_batch(files[:1])
