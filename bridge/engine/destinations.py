@@ -17,9 +17,10 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
-from bridge.config import TargetConfig
+from bridge.config import DICOMWEB, DicomWebConfig, TargetConfig
 from bridge.errors import Interrupted, VerificationFailed
 from bridge.metrics import STAGE
+from bridge.peers.dicomweb import Batcher, DicomWebClient
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.peer import Peer
 from bridge.peers.retry import RetryPolicy
@@ -104,8 +105,46 @@ class OrthancDestination:
             )
 
 
+class DicomWebDestination:
+    """A DICOMweb archive: STOW-RS, several instances per request, then WADO-RS metadata.
+
+    The STOW-RS answer says per instance whether it was stored; an archive may still drop
+    what it said it stored (Orthanc's plugin does, behind a Lua filter), so the copy is
+    checked with WADO-RS until one check shows that the archive keeps what it is told it
+    stored, and before every deletion of an original.
+    """
+
+    def __init__(self, config: TargetConfig, client: DicomWebClient) -> None:
+        settings = config.dicomweb or DicomWebConfig()
+        self.config = config
+        self.client = client
+        self._batcher = Batcher(client, settings.batch_size, settings.batch_mb)
+        self.keeps_what_it_gets = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def store(self, iid: str, copy: Copy, verify: bool) -> None:
+        with STAGE["upload"].time():
+            outcome = self._batcher.store(copy.data)
+        warning = outcome.reason
+        if warning:
+            log.warning(
+                "instance %s: %s stored it with a warning: %s", iid, self.name, outcome.reason
+            )
+        if outcome.instance is None or (self.keeps_what_it_gets and not verify):
+            return
+        with STAGE["verify"].time():
+            self.client.verify(outcome.instance, copy.syntax)
+        self.keeps_what_it_gets = True
+
+
 def peer_for(target: TargetConfig, retry: RetryPolicy) -> Peer:
     """A client for `target`, of its kind; `target.server` has its credentials."""
+    if target.kind == DICOMWEB:
+        token = target.dicomweb.token if target.dicomweb else None
+        return DicomWebClient(target.server, target.name, retry, token)
     return OrthancClient(target.server, target.name, retry)
 
 
@@ -113,4 +152,6 @@ def destination_for(target: TargetConfig, peer: Peer, stop: threading.Event) -> 
     """The destination of `target`'s kind around its client (made by peer_for)."""
     if isinstance(peer, OrthancClient):
         return OrthancDestination(target, peer, stop)
+    if isinstance(peer, DicomWebClient):
+        return DicomWebDestination(target, peer)
     raise TypeError(f"no destination for {type(peer).__name__}")
