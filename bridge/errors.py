@@ -63,6 +63,26 @@ class VerificationFailed(PermanentError):
     """Raised when the target does not hold the converted instance after upload."""
 
 
+class DicomUnavailable(ServerUnavailable):
+    """Raised when a DICOM node cannot be reached, does not answer in time, aborts an
+    association, rejects one for now, or is out of resources (C-STORE status A7xx)."""
+
+
+class AssociationRejected(AccessDenied):
+    """Raised when a DICOM node rejects the association permanently (e.g. an AE title it does
+    not know): fatal, as refused credentials are; fix the configuration."""
+
+
+class StoreFailed(PermanentError):
+    """Raised when a DICOM node answers a C-STORE with a failure status, or accepts no
+    presentation context the instance may be sent in."""
+
+
+class NotCommitted(TransientError):
+    """Raised when a DICOM node's storage commitment report does not come by its deadline:
+    the instance is retried, never deleted."""
+
+
 class Interrupted(BridgeError):
     """Raised inside in-flight work when shutdown abandons it; it is redone on restart."""
 
