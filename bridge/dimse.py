@@ -160,6 +160,7 @@ class DicomNode:
         self._cond = threading.Condition()
         self._idle: list[_Link] = []  # most recently used last
         self._open = 0  # associations open or being opened, idle or not
+        self._opening = 0  # of which being opened
         self._closed = False
         self._closing = threading.Event()  # wakes the reaper
         self._told_implicit = False
@@ -383,23 +384,31 @@ class DicomNode:
             if link is not None:
                 return link
             try:
-                return self._associate(pairs)
+                link = self._associate(pairs)
             except BaseException as exc:
                 with self._cond:
                     self._open -= 1
+                    self._opening -= 1
                     self._cond.notify()
-                    others = self._open
-                    if not (isinstance(exc, _Busy) and 0 < others < self._limit):
+                    established = self._open - self._opening
+                    if not (isinstance(exc, _Busy) and established > 0):
                         raise
-                    # A node that handles one association at a time (storescp without --fork)
-                    # leaves the next request unanswered while another is open.
-                    log.warning(
-                        "%s answered no new association while %d were open: using at most %d",
-                        self.peer,
-                        others,
-                        others,
-                    )
-                    self._limit = others
+                    # A node that serves one association at a time (storescp without --fork)
+                    # leaves the next request unanswered while another is open: wait for that
+                    # one instead, from now on.
+                    if established < self._limit:
+                        log.warning(
+                            "%s answered no new association while %d were open: using at most %d",
+                            self.peer,
+                            established,
+                            established,
+                        )
+                        self._limit = established
+                deadline = time.monotonic() + self.timeout
+                continue
+            with self._cond:
+                self._opening -= 1
+            return link
 
     def _claim(
         self, needs: Sequence[Pair], stale: list[_Link], deadline: float
@@ -431,6 +440,7 @@ class DicomNode:
                 self._idle.clear()
                 if self._open < self._limit:
                     self._open += 1
+                    self._opening += 1
                     return None, [*self._always, *self._wanted]
                 left = deadline - time.monotonic()
                 if left <= 0:

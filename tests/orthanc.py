@@ -519,6 +519,14 @@ class StoreSCP:
         """SIGKILL, for teardown; return a ProcessFailed if storescp had died by itself."""
         return self._process.kill("storescp")
 
+    def associations(self) -> int:
+        """How many associations storescp has accepted so far (its log says each one; a bare
+        TCP connection, such as the check that it is up, is "Received" but not acknowledged)."""
+        try:
+            return self.log_path.read_text(errors="replace").count("Association Acknowledged")
+        except FileNotFoundError:
+            return 0
+
     def received(self) -> list[Path]:
         """The files storescp has written, sorted by name."""
         if not self.output_dir.is_dir():
