@@ -464,10 +464,17 @@ class StoreSCP:
     That makes it the research workstation of the problem: it refuses what Orthanc A holds.
     """
 
-    def __init__(self, workdir: Path, aet: str = "STORESCP", options: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "STORESCP",
+        options: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
         self.options = list(options)  # e.g. ["--implicit"]: a workstation that reads only that
+        self.env = dict(env or {})  # added to its environment, e.g. TCP_NODELAY=1
         self.output_dir = workdir / "received"
         self.log_path = workdir / "storescp.log"
         (self.port,) = free_ports(1)
@@ -496,7 +503,7 @@ class StoreSCP:
             *self.options,
             str(self.port),
         ]
-        self._process.spawn(argv, cwd=self.workdir)
+        self._process.spawn(argv, cwd=self.workdir, env=self.env)
         try:
             wait_for(self._ready, timeout, f"storescp on port {self.port}")
         except TimeoutError as exc:
