@@ -1,12 +1,14 @@
 """C-STORE throughput of bridge.dimse against DCMTK's storescu, to storescp and to Orthanc.
 
-    python benchmarks/dimse_throughput.py [--count 300] [--threads 8] [--rounds 3] [--nagle]
+    python benchmarks/dimse_throughput.py [--count 300] [--threads 8] [--associations A]
+                                          [--rounds 3] [--nagle]
 
 The corpus: `count` CT-like 512x512 16-bit slices (benchmarks/throughput.ct_slice) in Explicit
 VR Little Endian, 0.5 MiB each, written once to a temporary directory. Each round measures, on
 each peer:
 
-  bridge       one DicomNode used by `threads` threads (as many associations), verify: status,
+  bridge       one DicomNode used by `threads` threads (`associations` of them, by default as
+               many as threads), verify: status,
                sending the files' bytes from memory; its wall time includes opening the
                associations, and its CPU is this process's
   storescu     DCMTK's storescu sending every file on one association, one after the other
@@ -137,9 +139,18 @@ def orthanc_peer(work: Path, env: dict[str, str], threads: int, listen_port: int
     return Peer("orthanc", start)
 
 
-def bridge(files: Sequence[bytes], port: int, aet: str, threads: int, **options: object) -> Run:
+def bridge(
+    files: Sequence[bytes], port: int, aet: str, threads: int, associations: int, **options: object
+) -> Run:
     """Every file through one DicomNode used by `threads` threads."""
-    with DicomNode("127.0.0.1", port, aet, associations=threads, timeout=60, **options) as node:  # type: ignore[arg-type]
+    with DicomNode(
+        "127.0.0.1",
+        port,
+        aet,
+        associations=associations,
+        timeout=60,
+        **options,  # type: ignore[arg-type]
+    ) as node:
         cpu, started = time.process_time(), time.perf_counter()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(node.store, files))
@@ -188,6 +199,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=300)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--associations", type=int, default=0, help="default: --threads")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--nagle", action="store_true", help="DCMTK with Nagle's algorithm on")
     args = parser.parse_args()
@@ -203,33 +215,39 @@ def main() -> None:
             paths[-1].write_bytes(data)
         print(
             f"{args.count} CT slices, {sum(map(len, files)) / 2**20:.0f} MiB, "
-            f"{args.threads} threads, DCMTK {'with' if args.nagle else 'without'} Nagle"
+            f"{args.threads} threads, {args.associations or args.threads} associations, "
+            f"DCMTK {'with' if args.nagle else 'without'} Nagle"
         )
-        n = args.threads
+        n, a = args.threads, args.associations or args.threads
         variants: list[tuple[Peer, str, Callable[[int, str], Run]]] = []
         for peer in (
             storescp_peer(work, env),
             orthanc_peer(work, env, args.threads, listen_port),
         ):
-            variants.append((peer, "bridge", lambda p, a: bridge(files, p, a, n)))
+            variants.append((peer, "bridge", lambda port, aet: bridge(files, port, aet, n, a)))
             if peer.name == "orthanc":
                 variants.append(
                     (
                         peer,
                         "bridge (commitment)",
-                        lambda p, a: bridge(
+                        lambda port, aet: bridge(
                             files,
-                            p,
-                            a,
+                            port,
+                            aet,
                             n,
+                            a,
                             verify="commitment",
                             commitment_port=listen_port,
                             commitment_host="127.0.0.1",
                         ),
                     )
                 )
-            variants.append((peer, "storescu", lambda p, a: storescu(paths, p, a, 1, env)))
-            variants.append((peer, f"storescu x{n}", lambda p, a: storescu(paths, p, a, n, env)))
+            variants.append(
+                (peer, "storescu", lambda port, aet: storescu(paths, port, aet, 1, env))
+            )
+            variants.append(
+                (peer, f"storescu x{n}", lambda port, aet: storescu(paths, port, aet, n, env))
+            )
         results: dict[tuple[str, str], list[Run]] = {}
         for round_ in range(args.rounds):
             for peer, name, send in variants:

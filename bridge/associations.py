@@ -30,7 +30,13 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.presentation import build_context
 
-from bridge.errors import AssociationRejected, DicomUnavailable, Interrupted, one_line
+from bridge.errors import (
+    AssociationRejected,
+    BridgeError,
+    DicomUnavailable,
+    Interrupted,
+    one_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +145,10 @@ class AssociationPool:
                     )
                     continue
                 raise DicomUnavailable(f"{self.peer}: {exc}") from None
-            except BaseException:
-                self._checkin(link, broken=not link.assoc.is_established)
+            except BaseException as exc:
+                # One of ours (a refused context, a missing report) leaves the association as
+                # it was; anything else may have left it in the middle of an exchange.
+                self._checkin(link, broken=not isinstance(exc, BridgeError))
                 raise
             if touch:
                 link.uses += 1
@@ -179,7 +187,7 @@ class AssociationPool:
                 with self._cond:
                     self._open -= 1
                     self._opening -= 1
-                    self._cond.notify()
+                    self._cond.notify_all()
                     established = self._open - self._opening
                     if not (isinstance(exc, _Busy) and established > 0):
                         raise
@@ -250,7 +258,7 @@ class AssociationPool:
                 self._idle.append(link)
             else:
                 self._open -= 1
-            self._cond.notify()
+            self._cond.notify_all()
         if not keep:
             _release(link, abort=broken)
 

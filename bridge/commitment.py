@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -24,7 +24,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from bridge.errors import ConfigError, readable
+from bridge.errors import BridgeError, ConfigError, readable
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,71 @@ def outcome(transaction: Transaction) -> dict[str, str | None]:
 
 def _reference(item: Dataset) -> Reference:
     return str(item.get("ReferencedSOPClassUID", "")), str(item.get("ReferencedSOPInstanceUID", ""))
+
+
+# Grouping ---------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Batch:
+    instances: list[Reference] = field(default_factory=list)
+    ready: bool = False  # its turn: no more joins, one member sends it
+    claimed: bool = False
+    done: bool = False
+    outcome: dict[str, str | None] = field(default_factory=dict)
+    error: BaseException | None = None
+
+
+class GroupCommit:
+    """One N-ACTION for the instances of many threads: while one request waits for its report,
+    the instances stored meanwhile gather into the next (per instance: 34 instances/s to
+    Orthanc with 8 threads; Orthanc opens an association for each report)."""
+
+    def __init__(self, commit: Callable[[list[Reference]], dict[str, str | None]]) -> None:
+        self._commit = commit
+        self._cond = threading.Condition()
+        self._next: _Batch | None = None  # gathering
+        self._busy = False  # a batch is being sent or waits for its report
+
+    def commit(self, instance: Reference) -> str | None:
+        """The instance's fate in its batch's report (as outcome() says), or the batch's error."""
+        with self._cond:
+            batch = self._next = self._next or _Batch()
+            batch.instances.append(instance)
+            if not self._busy:
+                self._start(batch)
+            while not batch.done and (not batch.ready or batch.claimed):
+                self._cond.wait()
+            sends = not batch.done
+            batch.claimed = True
+        if sends:
+            self._send(batch)
+        if batch.error is not None:
+            raise _again(batch.error)
+        return batch.outcome.get(instance[1], "not named in the storage commitment report")
+
+    def _start(self, batch: _Batch) -> None:
+        self._busy, self._next, batch.ready = True, None, True
+
+    def _send(self, batch: _Batch) -> None:
+        try:
+            outcome, error = self._commit(batch.instances), None
+        except BaseException as exc:  # every member gets it, whatever it is
+            outcome, error = {}, exc
+        with self._cond:
+            batch.outcome, batch.error, batch.done = outcome, error, True
+            if self._next is not None:
+                self._start(self._next)
+            else:
+                self._busy = False
+            self._cond.notify_all()
+
+
+def _again(error: BaseException) -> BaseException:
+    """`error` anew for another thread to raise (each class of ours takes one message)."""
+    if isinstance(error, BridgeError):
+        return type(error)(str(error))
+    return error
 
 
 # Listeners --------------------------------------------------------------------------------------

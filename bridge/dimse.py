@@ -108,6 +108,7 @@ class DicomNode:
         self._commitment_address = (commitment_host, commitment_port or 0)
         if self._listening:
             commitment.listen(*self._commitment_address, calling_ae_title)
+        self._group = commitment.GroupCommit(self._commit)
         self._pool = AssociationPool(
             host,
             port,
@@ -145,7 +146,7 @@ class DicomNode:
             needs.append((meta.sop_class, IMPLICIT_VR_LITTLE_ENDIAN))
         stored = self._pool.run(needs, lambda link: self._c_store(link, meta, data, forward))
         if self.verify == COMMITMENT:
-            reason = self.commit([stored])[stored.sop_instance]
+            reason = self._group.commit((stored.sop_class, stored.sop_instance))
             if reason is not None:
                 raise VerificationFailed(f"{self.peer}: {reason}")
             stored = replace(stored, committed=True)
@@ -156,7 +157,10 @@ class DicomNode:
         else why not. NotCommitted when the report does not come by the deadline."""
         if self.verify != COMMITMENT:
             raise ConfigError(f"{self.peer}: commit() needs verify: {COMMITMENT}")
-        transaction = commitment.begin([(s.sop_class, s.sop_instance) for s in stored])
+        return self._commit([(s.sop_class, s.sop_instance) for s in stored])
+
+    def _commit(self, instances: list[commitment.Reference]) -> dict[str, str | None]:
+        transaction = commitment.begin(instances)
         try:
             self._pool.run([_COMMIT], lambda link: self._ask(link, transaction))
             return commitment.outcome(transaction)

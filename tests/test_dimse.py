@@ -7,6 +7,7 @@ import io
 import logging
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from bridge.commitment import GroupCommit
 from bridge.config import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from bridge.dicomfile import read_meta
 from bridge.dimse import DEFAULT_CALLING_AE_TITLE, DicomNode, Stored
@@ -447,6 +449,58 @@ def test_a_commitment_report_on_the_same_association(
         other.sop_instance: "not committed: failure reason 0x0112 (no such object instance)"
     }
     assert scripted.associations == 1
+
+
+def test_threads_share_commitment_requests(
+    make_orthanc: MakeOrthanc, make_node: MakeNode, ct: bytes
+) -> None:
+    (listen_port,) = free_ports(1)
+    bridge_ae = [DEFAULT_CALLING_AE_TITLE, "127.0.0.1", listen_port]
+    peer = make_orthanc("peer", modalities={"bridge": bridge_ae}, verbose=True)
+    node = make_node(
+        peer.dicom_port,
+        peer.aet,
+        verify="commitment",
+        commitment_port=listen_port,
+        commitment_host="127.0.0.1",
+    )
+    instances = [variant(ct, number) for number in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        stored = list(pool.map(node.store, instances))
+    assert all(s.committed for s in stored)
+    asked = peer.log_path.read_text(errors="replace").count("Incoming storage commitment request")
+    assert 1 <= asked <= 24, asked
+
+
+def test_commitment_requests_gather_while_one_waits_for_its_report() -> None:
+    sent: list[list[str]] = []
+    first_sent, release = threading.Event(), threading.Event()
+
+    def commit(instances: list[tuple[str, str]]) -> dict[str, str | None]:
+        sent.append([uid for _, uid in instances])
+        first_sent.set()
+        release.wait(30)
+        if "bad" in sent[-1]:
+            raise NotCommitted("no report")
+        return {uid: None for _, uid in instances}
+
+    group = GroupCommit(commit)
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(group.commit, ("1.2", "a"))
+        first_sent.wait(30)
+        later = [pool.submit(group.commit, ("1.2", uid)) for uid in ("b", "c", "bad")]
+        wait_for(lambda: sent == [["a"]] and _gathering(group) == 3, 30, "three to gather")
+        release.set()
+        assert first.result(30) is None
+        for future in later:
+            with pytest.raises(NotCommitted, match="no report"):
+                future.result(30)
+    assert [sorted(uids) for uids in sent] == [["a"], ["b", "bad", "c"]]
+
+
+def _gathering(group: GroupCommit) -> int:
+    batch = group._next  # the test needs to know that the three have joined
+    return len(batch.instances) if batch is not None else 0
 
 
 # The main process ------------------------------------------------------------------------------
