@@ -270,17 +270,20 @@ class AssociationPool:
             connected.set()
 
         started = time.monotonic()
-        assoc = self._ae.associate(
-            self.host,
-            self.port,
-            contexts=[build_context(abstract, syntax) for abstract, syntax in pairs],
-            ae_title=self.ae_title,
-            evt_handlers=[
-                *self._handlers,
-                (evt.EVT_CONN_OPEN, on_connect),
-                (evt.EVT_DATA_SENT, _ack_at_once),
-            ],
-        )
+        try:
+            assoc = self._ae.associate(
+                self.host,
+                self.port,
+                contexts=[build_context(abstract, syntax) for abstract, syntax in pairs],
+                ae_title=self.ae_title,
+                evt_handlers=[
+                    *self._handlers,
+                    (evt.EVT_CONN_OPEN, on_connect),
+                    (evt.EVT_DATA_SENT, _ack_at_once),
+                ],
+            )
+        except OSError as exc:  # the host name does not resolve
+            raise DicomUnavailable(f"cannot connect to {self.peer}: {_reason(exc)}") from None
         if assoc.is_established:
             return self._link(assoc, pairs)
         if assoc.is_rejected:
@@ -331,7 +334,7 @@ class AssociationPool:
             with socket.create_connection((self.host, self.port), timeout=min(self.timeout, 5)):
                 return "the connection failed"
         except OSError as exc:
-            return exc.strerror or str(exc) or type(exc).__name__
+            return _reason(exc)
 
     def _reap_while_open(self) -> None:
         """Release the associations idle for `idle_timeout`, until close()."""
@@ -380,6 +383,10 @@ def _leave_answers_to_askers(assoc: Association) -> None:
         return take(block)
 
     setattr(dimse, "get_msg", get_msg)  # noqa: B010 (mypy refuses assigning to a method)
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def _release(link: Link, abort: bool = False) -> None:
