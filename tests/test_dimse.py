@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -30,7 +31,13 @@ from bridge.errors import (
 from bridge.implicit import to_implicit
 from tests.conftest import MakeOrthanc
 from tests.dimse_peers import CT_IMAGE_STORAGE, ScriptedSCP, SilentPeer
-from tests.orthanc import JPEG_2000_LOSSLESS, StoreSCP, free_ports, pydicom_test_files
+from tests.orthanc import (
+    JPEG_2000_LOSSLESS,
+    OrthancServer,
+    StoreSCP,
+    free_ports,
+    pydicom_test_files,
+)
 from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -204,44 +211,34 @@ def scripted() -> Iterator[ScriptedSCP]:
 
 
 @pytest.mark.parametrize(
-    ("code", "meaning"),
+    ("code", "said", "raised"),
     [
-        (0xB000, "Coercion of Data Elements"),
-        (0xB006, "Element Discarded"),
-        (0xB007, "Data Set Does Not Match SOP Class"),
+        (0xB000, "0xB000 (Coercion of Data Elements)", None),
+        (0xB006, "0xB006 (Element Discarded)", None),
+        (0xB007, "0xB007 (Data Set Does Not Match SOP Class)", None),
+        (0xC000, "0xC000 (Cannot Understand)", StoreFailed),
+        (0xA900, "0xA900 (Data Set Does Not Match SOP Class)", StoreFailed),
+        (0x0122, "0x0122 (Refused: SOP Class Not Supported)", StoreFailed),
+        (0xA701, "0xA701 (Refused: Out of Resources)", DicomUnavailable),  # transient
     ],
 )
-def test_warnings_are_stored_with_the_warning_noted(
-    scripted: ScriptedSCP, make_node: MakeNode, ct: bytes, code: int, meaning: str
+def test_c_store_statuses(
+    scripted: ScriptedSCP,
+    make_node: MakeNode,
+    ct: bytes,
+    code: int,
+    said: str,
+    raised: type[Exception] | None,
 ) -> None:
+    # Warnings: stored, the warning noted. Failures: the code in hex and what it means.
     scripted.status = code
-    stored = make_node(scripted.port, scripted.ae_title).store(ct)
-    assert stored.status == code
-    assert stored.warning == f"0x{code:04X} ({meaning})"
-
-
-@pytest.mark.parametrize(
-    ("code", "meaning"),
-    [
-        (0xC000, "Cannot Understand"),
-        (0xA900, "Data Set Does Not Match SOP Class"),
-        (0x0122, "SOP Class Not Supported"),
-    ],
-)
-def test_failures_name_their_status_code_and_meaning(
-    scripted: ScriptedSCP, make_node: MakeNode, ct: bytes, code: int, meaning: str
-) -> None:
-    scripted.status = code
-    with pytest.raises(StoreFailed, match=rf"status 0x{code:04X} \(.*{meaning}\)"):
-        make_node(scripted.port, scripted.ae_title).store(ct)
-
-
-def test_out_of_resources_is_transient(
-    scripted: ScriptedSCP, make_node: MakeNode, ct: bytes
-) -> None:
-    scripted.status = 0xA701
-    with pytest.raises(DicomUnavailable, match=r"status 0xA701 \(Refused: Out of Resources\)"):
-        make_node(scripted.port, scripted.ae_title).store(ct)
+    node = make_node(scripted.port, scripted.ae_title)
+    if raised is None:
+        stored = node.store(ct)
+        assert (stored.status, stored.warning) == (code, said)
+    else:
+        with pytest.raises(raised, match=f"status {re.escape(said)}"):
+            node.store(ct)
 
 
 # Peers that refuse, abort, hang or are not there -------------------------------------------------
@@ -382,20 +379,37 @@ def test_an_association_the_node_closed_is_replaced_unseen(
 # Storage commitment ------------------------------------------------------------------------------
 
 
-def test_storage_commitment_against_orthanc(
-    make_orthanc: MakeOrthanc, make_node: MakeNode, ct: bytes, mr: bytes
-) -> None:
-    (listen_port,) = free_ports(1)
-    # Orthanc sends its report on a new association, to the AE it knows by this title.
-    bridge_ae = [DEFAULT_CALLING_AE_TITLE, "127.0.0.1", listen_port]
-    peer = make_orthanc("peer", modalities={"bridge": bridge_ae})
+def committing_orthanc(
+    make_orthanc: MakeOrthanc,
+    make_node: MakeNode,
+    report_elsewhere: bool = False,
+    verbose: bool = False,
+    **options: object,
+) -> tuple[OrthancServer, DicomNode]:
+    """An Orthanc, and a node with verify: commitment listening where Orthanc sends its reports
+    (on a new association, to the AE it knows by the calling title), or somewhere else."""
+    listen_port, elsewhere = free_ports(2)
+    bridge_ae = [
+        DEFAULT_CALLING_AE_TITLE,
+        "127.0.0.1",
+        elsewhere if report_elsewhere else listen_port,
+    ]
+    peer = make_orthanc("peer", modalities={"bridge": bridge_ae}, verbose=verbose)
     node = make_node(
         peer.dicom_port,
         peer.aet,
         verify="commitment",
         commitment_port=listen_port,
         commitment_host="127.0.0.1",
+        **options,
     )
+    return peer, node
+
+
+def test_storage_commitment_against_orthanc(
+    make_orthanc: MakeOrthanc, make_node: MakeNode, ct: bytes, mr: bytes
+) -> None:
+    peer, node = committing_orthanc(make_orthanc, make_node)
     stored = node.store(ct)
     assert stored.committed
     assert node.store(mr).committed
@@ -420,18 +434,9 @@ def _uid_of(data: bytes) -> str:
 def test_a_commitment_report_that_never_comes(
     make_orthanc: MakeOrthanc, make_node: MakeNode, ct: bytes
 ) -> None:
-    listen_port, elsewhere = free_ports(2)
     # Orthanc reports to a port where nobody listens: the node waits out its deadline.
-    peer = make_orthanc(
-        "peer", modalities={"bridge": [DEFAULT_CALLING_AE_TITLE, "127.0.0.1", elsewhere]}
-    )
-    node = make_node(
-        peer.dicom_port,
-        peer.aet,
-        verify="commitment",
-        commitment_port=listen_port,
-        commitment_host="127.0.0.1",
-        commitment_timeout=1.0,
+    peer, node = committing_orthanc(
+        make_orthanc, make_node, report_elsewhere=True, commitment_timeout=1.0
     )
     with pytest.raises(NotCommitted, match="no storage commitment report within 1 s"):
         node.store(ct)
@@ -454,16 +459,7 @@ def test_a_commitment_report_on_the_same_association(
 def test_threads_share_commitment_requests(
     make_orthanc: MakeOrthanc, make_node: MakeNode, ct: bytes
 ) -> None:
-    (listen_port,) = free_ports(1)
-    bridge_ae = [DEFAULT_CALLING_AE_TITLE, "127.0.0.1", listen_port]
-    peer = make_orthanc("peer", modalities={"bridge": bridge_ae}, verbose=True)
-    node = make_node(
-        peer.dicom_port,
-        peer.aet,
-        verify="commitment",
-        commitment_port=listen_port,
-        commitment_host="127.0.0.1",
-    )
+    peer, node = committing_orthanc(make_orthanc, make_node, verbose=True)
     instances = [variant(ct, number) for number in range(24)]
     with ThreadPoolExecutor(8) as pool:
         stored = list(pool.map(node.store, instances))
