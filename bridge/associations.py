@@ -157,6 +157,12 @@ class AssociationPool:
             return result
         raise AssertionError("unreachable")
 
+    @property
+    def saturated(self) -> bool:
+        """Whether every association it may open is open and in use."""
+        with self._cond:
+            return self._open - self._opening >= self._limit and not self._idle
+
     def close(self) -> None:
         """Release every association (those in use once they are done)."""
         with self._cond:
@@ -279,7 +285,7 @@ class AssociationPool:
                 evt_handlers=[
                     *self._handlers,
                     (evt.EVT_CONN_OPEN, on_connect),
-                    (evt.EVT_DATA_SENT, _ack_at_once),
+                    (evt.EVT_DATA_SENT, ack_at_once),
                 ],
             )
         except OSError as exc:  # the host name does not resolve
@@ -348,7 +354,7 @@ class AssociationPool:
                 _release(link)
 
 
-def _ack_at_once(event: Event) -> None:
+def ack_at_once(event: Event) -> None:
     """After each send: acknowledge the answer's first segment at once.
 
     DCMTK (storescp, Orthanc) leaves Nagle's algorithm on and writes a response in two parts:

@@ -24,6 +24,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
+from bridge.associations import ack_at_once
 from bridge.errors import BridgeError, ConfigError, readable
 
 log = logging.getLogger(__name__)
@@ -226,7 +227,10 @@ def listen(host: str, port: int, ae_title: str) -> None:
             ae = AE(ae_title=ae_title)
             ae.add_supported_context(PUSH_MODEL)
             try:
-                server = ae.start_server((host, port), block=False, evt_handlers=HANDLERS)
+                # Acknowledging at once matters here too: Orthanc's report waited 40 ms for
+                # the delayed ACK of its first half (bridge.associations.ack_at_once).
+                handlers = [*HANDLERS, (evt.EVT_DATA_SENT, ack_at_once)]
+                server = ae.start_server((host, port), block=False, evt_handlers=handlers)
             except OSError as exc:
                 raise ConfigError(
                     f"commitment_port {port}: cannot listen on it: {exc.strerror or exc}"

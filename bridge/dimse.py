@@ -169,6 +169,11 @@ class DicomNode:
 
     def echo(self) -> bool:
         """Whether the node answers a C-ECHO; `problem` says why not when it does not."""
+        if self._pool.saturated:
+            # Every association is busy storing: the node is up, and a C-ECHO would wait for
+            # one of them to be free.
+            self.problem = None
+            return True
         try:
             status = self._pool.run([_ECHO], self._c_echo, touch=False)
         except BridgeError as exc:

@@ -64,11 +64,14 @@ class ScriptedSCP:
     port: int = field(default_factory=lambda: free_ports(1)[0])
     associations: int = 0
     stored: list[str] = field(default_factory=list)  # SOP Instance UIDs, in order
+    # While clear, each C-STORE is answered only once it is set (a busy node).
+    go_on: threading.Event = field(default_factory=threading.Event)
     _server: ThreadedAssociationServer | None = None
     _requests: dict[Association, Dataset] = field(default_factory=dict)
 
     def start(self) -> None:
         """Listen on `port`, in a background thread of this process."""
+        self.go_on.set()
         ae = AE(ae_title=self.ae_title)
         for sop_class in (CT_IMAGE_STORAGE, MR_IMAGE_STORAGE, VERIFICATION, PUSH_MODEL):
             ae.add_supported_context(sop_class)
@@ -92,6 +95,7 @@ class ScriptedSCP:
         request = event.request
         assert isinstance(request, C_STORE)
         self.stored.append(str(request.AffectedSOPInstanceUID))
+        self.go_on.wait(30)
         return self.status
 
     def _on_commitment_request(self, event: Event) -> tuple[int, None]:

@@ -241,6 +241,19 @@ def test_c_store_statuses(
             node.store(ct)
 
 
+def test_a_node_whose_associations_are_all_busy_is_up(
+    scripted: ScriptedSCP, make_node: MakeNode, ct: bytes
+) -> None:
+    node = make_node(scripted.port, scripted.ae_title, associations=1)
+    scripted.go_on.clear()
+    with ThreadPoolExecutor(1) as pool:
+        storing = pool.submit(node.store, ct)
+        wait_for(lambda: scripted.stored, 10, "the C-STORE to arrive")
+        assert node.echo()  # at once: not after waiting for the busy association
+        scripted.go_on.set()
+        assert storing.result(10).status == 0
+
+
 # Peers that refuse, abort, hang or are not there -------------------------------------------------
 
 
