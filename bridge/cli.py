@@ -143,11 +143,14 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 # --- commands -----------------------------------------------------------------------------
 
 
-def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, list[Peer]]:
-    """The source's client and one per target, each named as metrics and messages name it."""
+def _clients(
+    config: Config, retry: RetryPolicy, listen: bool = True
+) -> tuple[OrthancClient, list[Peer]]:
+    """The source's client and one per target, each named as metrics and messages name it;
+    `listen`: for transfers (a DICOM node's commitment reports come to this process)."""
     return (
         OrthancClient(config.source, "source", retry),
-        [peer_for(t, retry) for t in config.targets],
+        [peer_for(t, retry, listen) for t in config.targets],
     )
 
 
@@ -387,7 +390,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         problems = state.entries((*PROBLEMS, PENDING), limit=50)
     finally:
         state.close()
-    source, targets = _clients(config, no_retry())
+    source, targets = _clients(config, no_retry(), listen=False)
     report: dict[str, object] = {"cursor": cursor, "counts": counts}
     target_reports: dict[str, dict[str, object]] = {}
     report["targets"] = target_reports
@@ -409,6 +412,8 @@ def _status(args: argparse.Namespace, config: Config) -> int:
             if target.role == "target":  # the single `target:`, as before there were several
                 report["target_error"] = str(exc)
             unreachable = True
+        finally:
+            target.close()  # a DICOM node's association, released at once
     report["problems"] = [
         {"instance": e.instance_id, "state": e.state, "syntax": e.source_syntax, "reason": e.error}
         for e in problems

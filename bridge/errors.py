@@ -48,8 +48,9 @@ class NotFound(Rejected):
 
 
 class StoreFailed(Rejected):
-    """Raised when a target answers that it did not store an instance (a STOW-RS Failure
-    Reason, an answer that does not list it), with the code and its meaning."""
+    """Raised when a target answers that it did not store an instance, with the code and its
+    meaning: a STOW-RS Failure Reason or an answer that does not list it, a C-STORE failure
+    status, or no presentation context the DICOM node accepts for it."""
 
 
 class DecodeError(PermanentError):
@@ -66,6 +67,21 @@ class TooLarge(PermanentError):
 
 class VerificationFailed(PermanentError):
     """Raised when the target does not hold the converted instance after upload."""
+
+
+class DicomUnavailable(ServerUnavailable):
+    """Raised when a DICOM node cannot be reached, does not answer in time, aborts an
+    association, rejects one for now, or is out of resources (C-STORE status A7xx)."""
+
+
+class AssociationRejected(AccessDenied):
+    """Raised when a DICOM node rejects the association permanently (e.g. an AE title it does
+    not know): fatal, as refused credentials are; fix the configuration."""
+
+
+class NotCommitted(TransientError):
+    """Raised when a DICOM node's storage commitment report does not come by its deadline:
+    the instance is retried, never deleted."""
 
 
 class Interrupted(BridgeError):

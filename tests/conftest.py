@@ -103,6 +103,23 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
         discard(scp)
 
 
+@pytest.fixture
+def make_storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Factory for started storescp processes with options (`StoreSCP` keywords); killed after."""
+    scps: list[StoreSCP] = []
+
+    def make(name: str = "storescp", **options: Any) -> StoreSCP:
+        scp = StoreSCP(tmp_path / name, **options)
+        scps.append(scp)
+        scp.start()
+        return scp
+
+    try:
+        yield make
+    finally:
+        discard(*scps)
+
+
 @pytest.fixture(scope="session")
 def pydicom_samples() -> dict[str, Path]:
     """pydicom's bundled files by key of tests.orthanc.PYDICOM_SAMPLES (j2k_lossless, rle, ...)."""

@@ -477,10 +477,17 @@ class StoreSCP:
     That makes it the research workstation of the problem: it refuses what Orthanc A holds.
     """
 
-    def __init__(self, workdir: Path, aet: str = "STORESCP", options: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "STORESCP",
+        options: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.aet = aet
         self.options = list(options)  # e.g. ["--implicit"]: a workstation that reads only that
+        self.env = dict(env or {})  # added to its environment, e.g. TCP_NODELAY=1
         self.output_dir = workdir / "received"
         self.log_path = workdir / "storescp.log"
         (self.port,) = free_ports(1)
@@ -509,7 +516,7 @@ class StoreSCP:
             *self.options,
             str(self.port),
         ]
-        self._process.spawn(argv, cwd=self.workdir)
+        self._process.spawn(argv, cwd=self.workdir, env=self.env)
         try:
             wait_for(self._ready, timeout, f"storescp on port {self.port}")
         except TimeoutError as exc:
@@ -531,6 +538,14 @@ class StoreSCP:
     def kill(self) -> ProcessFailed | None:
         """SIGKILL, for teardown; return a ProcessFailed if storescp had died by itself."""
         return self._process.kill("storescp")
+
+    def associations(self) -> int:
+        """How many associations storescp has accepted so far (its log says each one; a bare
+        TCP connection, such as the check that it is up, is "Received" but not acknowledged)."""
+        try:
+            return self.log_path.read_text(errors="replace").count("Association Acknowledged")
+        except FileNotFoundError:
+            return 0
 
     def received(self) -> list[Path]:
         """The files storescp has written, sorted by name."""

@@ -12,7 +12,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from bridge.dicom.header import decoded_size, transfer_syntax
+from bridge.dicom.header import MetaUIDs, decoded_size, meta_uids, transfer_syntax
 from tests.orthanc import pydicom_test_files
 
 
@@ -54,13 +54,20 @@ def test_transfer_syntax_is_read_from_the_file_meta_as_pydicom_reads_it() -> Non
             continue
         if data[128:132] != b"DICM":
             assert transfer_syntax(data) is None, path.name
+            assert meta_uids(data) is None, path.name
             continue
         assert transfer_syntax(data) == expected, path.name
+        sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+        sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+        # meta_uids needs all three: an empty UID is as good as none
+        wanted = MetaUIDs(sop_class, sop_instance, expected) if sop_class and sop_instance else None
+        assert meta_uids(data) == wanted, path.name
         checked += 1
     assert checked >= 70
     valid = (pydicom_test_files() / "CT_small.dcm").read_bytes()
     assert transfer_syntax(valid[:140]) is None  # cut inside the meta
     assert transfer_syntax(b"\0" * 200) is None
+    assert meta_uids(valid[:140]) is None
 
 
 def _with_sequences(syntax: str) -> bytes:

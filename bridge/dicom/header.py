@@ -135,17 +135,45 @@ def identifiers(data: bytes | bytearray) -> Identifiers | None:
     return found if found.study and found.series and found.sop_instance else None
 
 
+@dataclass(frozen=True)
+class MetaUIDs:
+    """The UIDs a file's meta names: what a C-STORE needs to choose its presentation context."""
+
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+def meta_uids(data: bytes | bytearray) -> MetaUIDs | None:
+    """The SOP class, SOP instance and transfer syntax UIDs of the file meta, or None when it
+    cannot be read or lacks one of them."""
+    try:
+        values, _ = _meta_values(memoryview(data))
+    except (_Unreadable, struct.error, ValueError):
+        return None
+    uids = [values.get(tag, "") for tag in (0x00020002, 0x00020003, 0x00020010)]
+    if not all(0 < len(uid) <= 64 for uid in uids):
+        return None
+    return MetaUIDs(*uids)
+
+
 def _file_meta(data: memoryview) -> tuple[str, int]:
     """The transfer syntax UID ("" if absent) and where the dataset after the meta begins."""
+    values, pos = _meta_values(data)
+    return values.get(0x00020010, ""), pos
+
+
+def _meta_values(data: memoryview) -> tuple[dict[int, str], int]:
+    """The file meta's UI values by tag, and where the dataset after the meta begins."""
     if len(data) < 132 or bytes(data[128:132]) != _DICM:
         raise _Unreadable("no DICM preamble")
     reader = _Reader(data, 132, little=True, implicit=False)
-    syntax = ""
+    values: dict[int, str] = {}
     while reader.pos < len(data) and reader.peek_group() == 0x0002:
         tag, value = reader.element()
-        if tag == 0x00020010 and value is not None:
-            syntax = bytes(value).rstrip(b"\0 ").decode("ascii")
-    return syntax, reader.pos
+        if tag in (0x00020002, 0x00020003, 0x00020010) and value is not None:
+            values[tag] = bytes(value).rstrip(b"\0 ").decode("ascii")
+    return values, reader.pos
 
 
 def _image_attributes(data: memoryview) -> dict[int, int]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from bridge.config import DICOMWEB, DicomWebConfig, TargetConfig
 from bridge.errors import Interrupted, VerificationFailed
 from bridge.metrics import STAGE
+from bridge.outcomes import FORWARDED
 from bridge.peers.dicomweb import Batcher, DicomWebClient
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.peer import Peer
@@ -140,8 +141,45 @@ class DicomWebDestination:
         self.keeps_what_it_gets = True
 
 
-def peer_for(target: TargetConfig, retry: RetryPolicy) -> Peer:
-    """A client for `target`, of its kind; `target.server` has its credentials."""
+class Storing(Protocol):
+    """A DICOM node's peer (bridge.peers.dimse.DicomPeer), as its destination uses it."""
+
+    def store(self, data: bytes | bytearray, forward: bool) -> str | None:
+        """C-STORE one file (committed with verify: commitment); its warning, if any."""
+        ...
+
+
+class DicomDestination:
+    """A DICOM node: C-STORE, verified by its status or by Storage Commitment.
+
+    A store status is all the proof `verify: status` has; delete_original needs `verify:
+    commitment` (bridge.config refuses the other at start-up), where the node's report that
+    it holds the instance is the proof, for every copy.
+    """
+
+    def __init__(self, config: TargetConfig, node: Storing) -> None:
+        self.config = config
+        self.node = node
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def store(self, iid: str, copy: Copy, verify: bool) -> None:
+        with STAGE["upload"].time():
+            warning = self.node.store(copy.data, forward=copy.state == FORWARDED)
+        if warning:
+            log.warning("instance %s: %s stored it with a warning: %s", iid, self.name, warning)
+
+
+def peer_for(target: TargetConfig, retry: RetryPolicy, listen: bool = True) -> Peer:
+    """A client for `target`, of its kind; `target.server` has its credentials. `listen`: a
+    DICOM node's commitment reports are received here (a transferring bridge, not `status`)."""
+    if target.dicom is not None:
+        # Only here: pydicom and pynetdicom load only when a dicom target is configured.
+        from bridge.peers.dimse import DicomPeer
+
+        return DicomPeer(target.dicom, target.name, retry, listen)
     if target.kind == DICOMWEB:
         token = target.dicomweb.token if target.dicomweb else None
         return DicomWebClient(target.server, target.name, retry, token)
@@ -154,4 +192,6 @@ def destination_for(target: TargetConfig, peer: Peer, stop: threading.Event) -> 
         return OrthancDestination(target, peer, stop)
     if isinstance(peer, DicomWebClient):
         return DicomWebDestination(target, peer)
+    if target.dicom is not None:
+        return DicomDestination(target, cast(Storing, peer))
     raise TypeError(f"no destination for {type(peer).__name__}")
