@@ -326,6 +326,10 @@ class DicomPeer:
             config.ae_title,
             calling_ae_title=config.calling_ae_title,
             timeout=config.timeout,
+            # Kept open while instances keep coming; released after a 2 s gap, so that a node
+            # serving one association at a time (storescp) never holds a second one back for
+            # long, and an idle association's polling (7% of a core) stops soon.
+            idle_timeout=2.0,
             verify=config.verify,
             commitment_port=config.commitment_port if listen else None,
             commitment_timeout=config.commitment_timeout,
