@@ -1,8 +1,8 @@
 """Throughput of the bridge against the naive loop and against the machine's limits.
 
 Run as `python benchmarks/throughput.py [--count N] [--workers W] [--repeat R] [--grow]
-[--only naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,cluster,observed]
-[--json out.json]`.
+[--only naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,cluster,observed,
+dicomweb,dicom] [--json out.json]`.
 
 One corpus of CT-like 512x512 16-bit slices (smooth anatomy plus noise, -1000..2000 HU stored
 with RescaleIntercept -1024), JPEG 2000 lossless, generated once and cached in the temp
@@ -31,6 +31,12 @@ timed), every variant writes into a fresh, empty B. Measured, on the same corpus
           the same with `cluster:` set: the transfers run on a Dask scheduler and two
           single-threaded `dask worker` processes on this machine (started before timing), the
           coordinator keeping the feed and the ledger: the cluster engine's overhead
+  bridge (dicomweb)
+          the same into B's DICOMweb plugin (a target of kind dicomweb: STOW-RS in batches,
+          WADO-RS verification)
+  bridge (dicom)
+          the same into B's DICOM port (a target of kind dicom: C-STORE on kept-open
+          associations, verified by status)
   bridge (observed)
           the same with the HTTP server on, /metrics scraped every second and the status page
           loaded every 5 s while it runs (Prometheus scrapes every 15 s by default)
@@ -199,10 +205,13 @@ class Servers:
             list(pool.map(self.source.upload, files))
 
     @contextmanager
-    def fresh_target(self) -> Iterator[OrthancServer]:
-        """An empty, newly started Orthanc B; killed and its storage removed afterwards."""
+    def fresh_target(self, dicomweb: bool = False) -> Iterator[OrthancServer]:
+        """An empty, newly started Orthanc B (with its DICOMweb plugin: `dicomweb`); killed and
+        its storage removed afterwards."""
         self._targets += 1
-        target = OrthancServer(f"target{self._targets}", self.workdir / f"target{self._targets}")
+        target = OrthancServer(
+            f"target{self._targets}", self.workdir / f"target{self._targets}", dicomweb=dicomweb
+        )
         target.start()
         try:
             yield target
@@ -450,16 +459,29 @@ def bridge(
     label: str = "bridge",
     observed: bool = False,
     scheduler: str | None = None,
+    kind: str = "orthanc",
 ) -> Result:
     """`python -m bridge catch-up` on a fresh state directory, memory sampled over its tree;
-    `observed`: with its HTTP server on, scraped while it runs."""
+    `observed`: with its HTTP server on, scraped while it runs; `kind`: B reached as an
+    Orthanc (REST), a DICOMweb archive (its plugin) or a DICOM node (its DICOM port)."""
     run_dir = workdir / f"bridge-{label}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     port = free_ports(1)[0]
+    kinds: dict[str, dict[str, Any]] = {
+        "orthanc": {"url": target.url},
+        "dicomweb": {"kind": "dicomweb", "url": target.dicomweb_url},
+        "dicom": {
+            "kind": "dicom",
+            "host": "127.0.0.1",
+            "port": target.dicom_port,
+            "ae_title": target.aet,
+        },
+    }
+    reached = kinds[kind]
     config: dict[str, Any] = {
         "source": {"url": source.url},
-        "target": {"url": target.url},
+        "target": reached,
         "state_dir": str(run_dir / "state"),
         "http_listen": f"127.0.0.1:{port}" if observed else "",
     }
@@ -608,9 +630,10 @@ def _measure(
     name: str,
     step: Callable[[OrthancServer], Result],
     count: int,
+    dicomweb: bool = False,
 ) -> Result:
     """Run `step` once into a fresh target; add the servers' CPU seconds to its figures."""
-    with servers.fresh_target() as target:
+    with servers.fresh_target(dicomweb) as target:
         assert servers.source.pid is not None and target.pid is not None
         before = cpu_seconds(servers.source.pid), cpu_seconds(target.pid)
         result = step(target)
@@ -664,6 +687,9 @@ def _ratios(rounds: list[dict[str, Result]]) -> dict[str, list[float]]:
                     found["cluster_steady_over_bridge_steady"] = (
                         cluster.extra.get("steady_instances_per_s") or 0.0
                     ) / steady
+            for kind in ("dicomweb", "dicom"):
+                if f"bridge ({kind})" in runs:
+                    found[f"{kind}_over_bridge"] = runs[f"bridge ({kind})"].rate / bridge_run.rate
             if "bridge (observed)" in runs:
                 observed = runs["bridge (observed)"]
                 found["observed_over_bridge"] = observed.rate / bridge_run.rate
@@ -712,7 +738,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--only",
-        default="naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,cluster,observed",
+        default="naive,naive-plain,naive-gdcm,copy,decode,copy-decoded,bridge,cluster,observed,"
+        "dicomweb,dicom",
         help="variants to run",
     )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
@@ -805,6 +832,23 @@ def main(argv: Sequence[str] | None = None) -> int:
                     lambda t: _on_cluster(servers.source, t, args.count, workers, workdir),
                     args.count,
                 )),
+                ("dicomweb", "bridge (dicomweb)", lambda: _measure(
+                    servers,
+                    "bridge (dicomweb)",
+                    lambda t: bridge(
+                        servers.source, t, args.count, workers, workdir, "dicomweb", kind="dicomweb"
+                    ),
+                    args.count,
+                    dicomweb=True,
+                )),
+                ("dicom", "bridge (dicom)", lambda: _measure(
+                    servers,
+                    "bridge (dicom)",
+                    lambda t: bridge(
+                        servers.source, t, args.count, workers, workdir, "dicom", kind="dicom"
+                    ),
+                    args.count,
+                )),
                 ("observed", "bridge (observed)", lambda: _measure(
                     servers,
                     "bridge (observed)",
@@ -869,6 +913,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         ("observed_over_bridge", "bridge (observed) / bridge: what the HTTP server costs"),
         ("observed_cpu_over_bridge", "the same in instances per CPU second of the bridge"),
+        ("dicomweb_over_bridge", "bridge (dicomweb) / bridge: B as a DICOMweb archive (STOW-RS)"),
+        ("dicom_over_bridge", "bridge (dicom) / bridge: B as a DICOM node (C-STORE)"),
     ):
         if key in ratios:
             values = ratios[key]
