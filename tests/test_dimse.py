@@ -520,7 +520,7 @@ def _gathering(group: GroupCommit) -> int:
 
 def test_the_main_process_does_not_load_the_dicom_network_stack() -> None:
     script = (
-        "import sys, bridge.cli, bridge.pipeline, bridge.transfer, bridge.config\n"
+        "import sys, bridge.cli, bridge.engine.pipeline, bridge.engine.transfer, bridge.config\n"
         "assert 'bridge.peers.dimse' not in sys.modules and 'pynetdicom' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
