@@ -33,7 +33,6 @@ from pynetdicom.status import (
     code_to_category,
 )
 
-from bridge import metrics
 from bridge.config import DicomNodeConfig
 from bridge.dicom.header import MetaUIDs, meta_uids
 from bridge.dicom.implicit import to_implicit
@@ -50,6 +49,7 @@ from bridge.errors import (
 )
 from bridge.peers import commitment
 from bridge.peers.associations import AssociationPool, Broken, Link, Pair
+from bridge.peers.peer import Answers
 from bridge.peers.retry import RetryPolicy
 from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 
@@ -305,7 +305,7 @@ def _comment(status: Dataset) -> str:
     return f": {comment}" if comment else ""
 
 
-class DicomPeer:
+class DicomPeer(Answers):
     """A dicom target's node as the transfers and the watchers use it: C-STORE retried by the
     declared policy, up when C-ECHO answers, its latest answer and failure noted as every
     server's are (bridge.peers.peer.Peer)."""
@@ -315,7 +315,7 @@ class DicomPeer:
     def __init__(
         self, config: DicomNodeConfig, role: str, retry: RetryPolicy, listen: bool
     ) -> None:
-        self.role = role
+        super().__init__(role)
         self.retry = retry
         self.config = config
         # Only a bridge that transfers listens for commitment reports: `status` echoes alone,
@@ -335,19 +335,10 @@ class DicomPeer:
             commitment_timeout=config.commitment_timeout,
             stop=retry.stop,
         )
-        self.last_answer: float | None = None
-        self.last_failure: float | None = None
-        self.last_error: str | None = None
 
     @property
     def address(self) -> str:
         return self.node.peer
-
-    @property
-    def up(self) -> bool | None:
-        if self.last_failure is None:
-            return None if self.last_answer is None else True
-        return self.last_answer is not None and self.last_answer > self.last_failure
 
     def store(self, data: bytes | bytearray, forward: bool) -> str | None:
         """C-STORE one file (and commit it with verify: commitment); its warning, if any."""
@@ -376,11 +367,3 @@ class DicomPeer:
 
     def close(self) -> None:
         self.node.close()
-
-    def _answered(self) -> None:
-        self.last_answer = time.monotonic()
-        metrics.SERVER_UP.labels(self.role).set(1)
-
-    def _failed(self, error: BridgeError) -> None:
-        self.last_error, self.last_failure = str(error), time.monotonic()
-        metrics.SERVER_UP.labels(self.role).set(0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -20,16 +19,15 @@ from urllib.parse import urlencode
 import requests
 import urllib3
 
-from bridge import metrics
 from bridge.config import ServerConfig
 from bridge.errors import (
     AccessDenied,
-    BridgeError,
     ConfigError,
     NotFound,
     Rejected,
     ServerUnavailable,
 )
+from bridge.peers.peer import Answers
 from bridge.peers.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
@@ -47,7 +45,7 @@ class Answer:
     data: bytes
 
 
-class HttpClient:
+class HttpClient(Answers):
     """A client for one HTTP server, named `role` (e.g. "source", "target") in every error.
 
     It speaks HTTP through urllib3, the library under requests, called directly: requests
@@ -65,8 +63,8 @@ class HttpClient:
     def __init__(
         self, server: ServerConfig, role: str, retry: RetryPolicy, token: str | None = None
     ) -> None:
+        super().__init__(role)
         self.server = server
-        self.role = role
         self.retry = retry
         self._headers = {"User-Agent": "orthanc-bridge"}
         auth = (
@@ -84,32 +82,11 @@ class HttpClient:
             server.url, requests.utils.get_environ_proxies(server.url)
         )
         self._http = self._manager(10)
-        # Monotonic times of the latest good answer and the latest failure (unreachable,
-        # timeout, 5xx, credentials refused), for health checks and the status page.
-        self.last_answer: float | None = None
-        self.last_failure: float | None = None
-        self.last_error: str | None = None
 
     @property
     def address(self) -> str:
         """The URL of its first node."""
         return self.server.url
-
-    @property
-    def up(self) -> bool | None:
-        """True when the latest answer was a good one; None before any request."""
-        if self.last_failure is None:
-            return None if self.last_answer is None else True
-        return self.last_answer is not None and self.last_answer > self.last_failure
-
-    def _answered(self) -> None:
-        self.last_answer = time.monotonic()
-        metrics.SERVER_UP.labels(self.role).set(1)
-
-    def _failed(self, error: BridgeError) -> None:
-        self.last_error = str(error)
-        self.last_failure = time.monotonic()
-        metrics.SERVER_UP.labels(self.role).set(0)
 
     def _manager(self, connections: int) -> urllib3.PoolManager:
         tls = _tls_options(self.server.verify_tls)

@@ -6,8 +6,11 @@ answer and failure; health (bridge.watch.health), the status page and /metrics r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
+
+from bridge import metrics
 
 
 class Peer(Protocol):
@@ -40,6 +43,35 @@ class Peer(Protocol):
     def close(self) -> None:
         """Release its connections."""
         ...
+
+
+class Answers:
+    """A server's latest good answer and latest failure (unreachable, timeout, 5xx,
+    credentials refused...): its `up` for health checks, the status page and
+    orthanc_bridge_server_up{server}. The base of every Peer."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        # Monotonic times.
+        self.last_answer: float | None = None
+        self.last_failure: float | None = None
+        self.last_error: str | None = None
+
+    @property
+    def up(self) -> bool | None:
+        """True when the latest answer was a good one; None before any request."""
+        if self.last_failure is None:
+            return None if self.last_answer is None else True
+        return self.last_answer is not None and self.last_answer > self.last_failure
+
+    def _answered(self) -> None:
+        self.last_answer = time.monotonic()
+        metrics.SERVER_UP.labels(self.role).set(1)
+
+    def _failed(self, error: Exception) -> None:
+        self.last_error = str(error)
+        self.last_failure = time.monotonic()
+        metrics.SERVER_UP.labels(self.role).set(0)
 
 
 @runtime_checkable
