@@ -194,3 +194,27 @@ def _held_uids(server: OrthancServer) -> list[str]:
         "POST", "/tools/find", json={"Level": "Instance", "Query": {}, "Expand": True}
     )
     return [str(item["MainDicomTags"]["SOPInstanceUID"]) for item in found.json()]
+
+
+def test_reconcile_lists_a_dicomweb_archive_and_leaves_a_dicom_node_out(
+    source: OrthancServer,
+    make_orthanc: MakeOrthanc,
+    make_storescp: Callable[..., StoreSCP],
+    tmp_path: Path,
+) -> None:
+    archive = make_orthanc("archive", dicomweb=True)
+    scp = make_storescp()
+    originals = _originals(source, 3)
+    targets: list[dict[str, object]] = [
+        {"name": "archive", "kind": "dicomweb", "url": archive.dicomweb_url},
+        {"name": "ws", "kind": "dicom", "host": "127.0.0.1", "port": scp.port, "ae_title": scp.aet},
+    ]
+    config = bridgectl.write_config(tmp_path, source, archive, targets=targets)
+    assert bridgectl.run("catch-up", config, source, archive).returncode == 0
+    lost = archive.instances()[0]
+    archive.delete(lost)
+    done = bridgectl.run("reconcile", config, source, archive)
+    assert done.returncode == 0, done.stderr
+    assert "reconcile cannot list the DICOM node ws" in done.stderr
+    assert "the targets lack 1 of the source's instances" in done.stderr
+    _assert_copies(_held(archive), originals)
