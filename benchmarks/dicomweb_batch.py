@@ -38,7 +38,8 @@ from pydicom.uid import generate_uid  # noqa: E402
 
 from benchmarks.throughput import CT_IMAGE_STORAGE, SIZE, ct_slice  # noqa: E402
 from bridge.config import ServerConfig  # noqa: E402
-from bridge.peers.dicomweb import Batcher, DicomWebClient  # noqa: E402
+from bridge.peers.batcher import Batcher  # noqa: E402
+from bridge.peers.dicomweb import DicomWebClient  # noqa: E402
 from bridge.peers.orthanc import OrthancClient  # noqa: E402
 from bridge.peers.retry import RetryPolicy  # noqa: E402
 from tests.orthanc import OrthancServer, cpu_seconds, orthanc_version  # noqa: E402

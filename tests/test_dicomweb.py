@@ -28,14 +28,9 @@ from bridge.errors import (
     TransientError,
     VerificationFailed,
 )
-from bridge.peers.dicomweb import (
-    Batcher,
-    DicomWebClient,
-    StoreOutcome,
-    parse_stow,
-    status_meaning,
-    transient_failure,
-)
+from bridge.peers.batcher import Batcher
+from bridge.peers.dicomjson import StoreOutcome, parse_stow, status_meaning, transient_failure
+from bridge.peers.dicomweb import DicomWebClient
 from bridge.peers.peer import Listing, Peer
 from bridge.peers.retry import RetryPolicy, no_retry
 from tests.conftest import MakeOrthanc

@@ -21,7 +21,8 @@ from bridge.config import DICOMWEB, DicomWebConfig, TargetConfig
 from bridge.errors import Interrupted, VerificationFailed
 from bridge.metrics import STAGE
 from bridge.outcomes import FORWARDED
-from bridge.peers.dicomweb import Batcher, DicomWebClient
+from bridge.peers.batcher import Batcher
+from bridge.peers.dicomweb import DicomWebClient
 from bridge.peers.orthanc import OrthancClient
 from bridge.peers.peer import Peer
 from bridge.peers.retry import RetryPolicy

@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import uuid
-from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import quote
 
@@ -47,170 +44,29 @@ from bridge import metrics
 from bridge.config import ServerConfig
 from bridge.dicom.header import Identifiers, identifiers
 from bridge.errors import (
-    BridgeError,
     NotFound,
     Rejected,
-    StoreFailed,
-    TransientError,
     VerificationFailed,
+)
+from bridge.peers.dicomjson import (
+    AVAILABLE_SYNTAXES,
+    DICOM_JSON,
+    LISTED,
+    SOP_INSTANCE,
+    TRANSFER_SYNTAX,
+    StoreOutcome,
+    StowAnswer,
+    first,
+    parse_stow,
+    status_meaning,
+    transient_failure,
+    values,
 )
 from bridge.peers.http import Answer, HttpClient, error_detail
 from bridge.peers.orthanc import instance_id
 from bridge.peers.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
-
-DICOM_JSON = "application/dicom+json"
-_FAILED_SOPS = "00081198"
-_REFERENCED_SOPS = "00081199"
-_SOP_INSTANCE_REF = "00081155"
-_FAILURE_REASON = "00081197"
-_WARNING_REASON = "00081196"
-_SOP_INSTANCE = "00080018"
-_TRANSFER_SYNTAX = "00020010"
-_AVAILABLE_SYNTAXES = "00083002"
-# What reconcile needs of an instance for its Orthanc ID (bridge.peers.orthanc.instance_id).
-_LISTED = ("00100020", "0020000D", "0020000E", "00080018")
-
-# Meanings of STOW-RS Failure and Warning Reasons: PS3.18 Table 10.5.3-1 and the storage
-# statuses of PS3.4 (Annex B.2.3) and PS3.7 (Annex C).
-_MEANINGS = {
-    0x0110: "processing failure",
-    0x0111: "duplicate SOP instance",
-    0x0117: "invalid SOP instance",
-    0x0119: "class-instance conflict",
-    0x0122: "SOP class not supported",
-    0x0124: "not authorized",
-    0x0211: "unrecognized operation",
-    0x0212: "mistyped argument",
-    0x0213: "resource limitation",
-    0xC122: "transfer syntax not supported",
-    0xB000: "coercion of data elements",
-    0xB006: "elements discarded",
-    0xB007: "data set does not match SOP class",
-}
-_RANGES = (
-    (0xFF00, 0xA700, "out of resources"),
-    (0xFF00, 0xA900, "data set does not match SOP class"),
-    (0xF000, 0xC000, "cannot understand"),
-    (0xF000, 0xB000, "warning"),
-)
-
-
-def status_meaning(code: int) -> str:
-    """What a STOW-RS Failure or Warning Reason code means, e.g. 0xA700: "out of resources"."""
-    if code in _MEANINGS:
-        return _MEANINGS[code]
-    for mask, value, meaning in _RANGES:
-        if code & mask == value:
-            return meaning
-    return "unknown code"
-
-
-def transient_failure(code: int) -> bool:
-    """Whether a Failure Reason may pass by itself: only "out of resources" (A7xx) says so."""
-    return code & 0xFF00 == 0xA700
-
-
-@dataclass(frozen=True)
-class StoreOutcome:
-    """What the archive answered about one instance sent with STOW-RS."""
-
-    instance: Identifiers | None  # its UIDs, as read from the file (None: unreadable, not sent)
-    stored: bool
-    reason: str = ""  # why it was not stored, or the warning it was stored with
-    transient: bool = False  # not stored, but worth sending again later
-
-    def error(self) -> BridgeError:
-        """The error for an instance that was not stored: TransientError or StoreFailed."""
-        return TransientError(self.reason) if self.transient else StoreFailed(self.reason)
-
-
-@dataclass(frozen=True)
-class StowAnswer:
-    """The instances a STOW-RS answer lists: SOP Instance UID -> reason code (None: none)."""
-
-    stored: dict[str, int | None]
-    failed: dict[str, int | None]
-
-
-def parse_stow(body: bytes) -> StowAnswer | None:
-    """The instances a STOW-RS answer lists as stored and as failed; None when the body is not
-    DICOM JSON (one dataset, or a list of one as some archives send)."""
-    try:
-        document = json.loads(body)
-    except ValueError:  # UnicodeDecodeError too
-        return None
-    if isinstance(document, list) and len(document) == 1:
-        document = document[0]
-    if not _is_dataset(document):
-        return None
-    return StowAnswer(
-        _listed(document.get(_REFERENCED_SOPS), _WARNING_REASON),
-        _listed(document.get(_FAILED_SOPS), _FAILURE_REASON),
-    )
-
-
-def _is_dataset(document: Any) -> bool:
-    """Whether `document` looks like a DICOM JSON dataset: tags of 8 hex digits -> {"vr": ...}."""
-    if not isinstance(document, dict):
-        return False
-    for tag, element in document.items():
-        if len(tag) != 8 or not isinstance(element, dict) or "vr" not in element:
-            return False
-        try:
-            int(tag, 16)
-        except ValueError:
-            return False
-    return True
-
-
-def _listed(sequence: Any, reason_tag: str) -> dict[str, int | None]:
-    """SOP Instance UID -> reason code of each item of a Referenced or Failed SOP Sequence."""
-    found: dict[str, int | None] = {}
-    for item in _values(sequence):
-        if isinstance(item, dict):
-            uid = _first(item.get(_SOP_INSTANCE_REF))
-            if isinstance(uid, str) and uid.rstrip("\0 "):
-                found[uid.rstrip("\0 ")] = _code(_first(item.get(reason_tag)))
-    return found
-
-
-def _values(element: Any) -> list[Any]:
-    """The Value list of a DICOM JSON element; [] when it has none."""
-    values = element.get("Value") if isinstance(element, dict) else None
-    return values if isinstance(values, list) else []
-
-
-def _first(element: Any) -> Any:
-    values = _values(element)
-    return values[0] if values else None
-
-
-def _code(value: Any) -> int | None:
-    """A reason code: US is a JSON number; some servers send a string, read as 4 hex digits
-    ("A700") or else as decimal ("42752")."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            return int(text, 16) if len(text) == 4 else int(text)
-        except ValueError:
-            return None
-    return None
-
-
-# Batcher's defaults, from benchmarks/dicomweb_batch.py (8 transfer threads, 0.5 MiB CT slices,
-# Orthanc's plugin on loopback): two requests at a time beat one by 20% on Orthanc 1.10 and
-# four little more (on 1.12, which stalls some STOW-RS requests for 5 s, four were 4
-# times slower); with two, batches hold 2-3 instances from 8 threads, and 16 leaves room for
-# more threads. Batching halves this process's CPU per instance (0.8 ms against 1.6 alone).
-DEFAULT_BATCH_SIZE = 16
-DEFAULT_BATCH_MB = 32.0
-DEFAULT_POSTS = 2
 
 _Item = tuple[int, Identifiers, bytes | bytearray]  # (index in the caller's list, UIDs, file)
 
@@ -394,7 +250,7 @@ class DicomWebClient(HttpClient):
                 f"{self.role} {self.what}: the metadata of {instance.sop_instance} is not JSON"
             ) from None
         for dataset in document if isinstance(document, list) else [document]:
-            if isinstance(dataset, dict) and _first(dataset.get(_SOP_INSTANCE)) == (
+            if isinstance(dataset, dict) and first(dataset.get(SOP_INSTANCE)) == (
                 instance.sop_instance
             ):
                 return dataset
@@ -410,14 +266,14 @@ class DicomWebClient(HttpClient):
                 f"after upload {self.role} does not hold it: no WADO-RS metadata for "
                 f"SOP instance {instance.sop_instance}"
             )
-        held = _first(found.get(_TRANSFER_SYNTAX))
+        held = first(found.get(TRANSFER_SYNTAX))
         if isinstance(held, str) and held:
             if held != syntax:
                 raise VerificationFailed(
                     f"after upload {self.role} holds it as {held}, expected {syntax}"
                 )
             return held
-        available = [uid for uid in _values(found.get(_AVAILABLE_SYNTAXES)) if uid]
+        available = [uid for uid in values(found.get(AVAILABLE_SYNTAXES)) if uid]
         if available and syntax not in available:
             raise VerificationFailed(
                 f"after upload {self.role} offers it as {', '.join(map(str, available))}, "
@@ -430,7 +286,7 @@ class DicomWebClient(HttpClient):
     def instance_pages(self, page: int = 1000) -> Iterator[list[str]]:
         """The Orthanc ID (bridge.peers.orthanc.instance_id) of every instance QIDO-RS lists, one
         page of at most `page` at a time, paged with limit and offset."""
-        fields = [("includefield", tag) for tag in _LISTED]
+        fields = [("includefield", tag) for tag in LISTED]
         offset, previous = 0, None
         while True:
             params = [("limit", page), ("offset", offset), *fields]
@@ -476,156 +332,7 @@ def _orthanc_id(row: Any) -> str | None:
     """The Orthanc ID of an instance from its QIDO-RS row; None without its UIDs."""
     if not isinstance(row, dict):
         return None
-    patient, study, series, sop = (_first(row.get(tag)) for tag in _LISTED)
+    patient, study, series, sop = (first(row.get(tag)) for tag in LISTED)
     if not (isinstance(study, str) and isinstance(series, str) and isinstance(sop, str)):
         return None
     return instance_id(patient if isinstance(patient, str) else "", study, series, sop)
-
-
-@dataclass
-class _Pending:
-    """One caller's instance in the Batcher's queue, and then its outcome."""
-
-    data: bytes | bytearray
-    alone: bool  # sent in a request of its own
-    wake: threading.Condition  # its caller waits on it, over the Batcher's one lock
-    waiting: bool = False  # its caller waits (and is not sending another request)
-    outcome: StoreOutcome | None = None
-    error: BaseException | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.outcome is not None or self.error is not None
-
-
-class Batcher:
-    """Group commit for STOW-RS: instances that threads store at the same time share requests.
-
-    Each caller blocks in store() until the archive has answered for its instance. Whoever
-    finds a request slot free (`posts` of them) sends what is queued then, its own instance or
-    others', up to `batch_size` instances and `batch_mb` MiB (one larger instance goes alone):
-    a request carries what arrived while the previous one was on the wire. Instances that
-    trickle in go one by one without waiting for a batch to fill; under load, batches fill.
-    """
-
-    def __init__(
-        self,
-        client: DicomWebClient,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        batch_mb: float = DEFAULT_BATCH_MB,
-        posts: int = DEFAULT_POSTS,
-    ) -> None:
-        self.client = client
-        self.batch_size = max(1, batch_size)
-        self.batch_bytes = int(batch_mb * 2**20)
-        self.posts = max(1, posts)
-        self._lock = threading.Lock()
-        self._queue: deque[_Pending] = deque()
-        self._sending = 0
-
-    @property
-    def queued(self) -> int:
-        """How many instances wait for a request."""
-        return len(self._queue)
-
-    def store(self, data: bytes | bytearray) -> StoreOutcome:
-        """Store one instance, retried as the client's RetryPolicy declares; its outcome once
-        stored (`reason`: the archive's warning, if any). Raises StoreFailed when the archive
-        did not store it, TransientError when the policy gives up, AccessDenied."""
-        attempts = 0
-
-        def attempt() -> StoreOutcome:
-            nonlocal attempts
-            attempts += 1
-            # After a transient failure the instance travels alone: one that the archive
-            # chokes on (HTTP 500 every time) then holds back no other.
-            outcome = self._submit(data, alone=attempts > 1)
-            if not outcome.stored:
-                raise outcome.error()
-            return outcome
-
-        return self.client.retry.call(attempt, self.client.role)
-
-    def _submit(self, data: bytes | bytearray, alone: bool) -> StoreOutcome:
-        """Queue one instance, send requests while a slot is free and it waits, and return
-        its outcome (or raise what failed its request)."""
-        # Each caller waits on its own condition and is woken only when its instance is done
-        # or a slot is its to take: with one shared condition, every answer woke every
-        # waiting thread, and 8 threads cost 1 ms of CPU more per instance (notify_all).
-        item = _Pending(data, alone, threading.Condition(self._lock))
-        with self._lock:
-            self._queue.append(item)
-            while True:
-                if item.done:
-                    return _result(item)
-                if self._sending < self.posts and self._queue:
-                    batch = self._take()
-                    self._sending += 1
-                    self._wake_next()  # another slot may be free too
-                    self._lock.release()
-                    try:
-                        self._send(batch)
-                    finally:
-                        self._lock.acquire()
-                        self._sending -= 1
-                        self._wake_next()
-                else:
-                    item.waiting = True
-                    item.wake.wait()
-                    item.waiting = False
-
-    def _wake_next(self) -> None:
-        """Wake the first waiting caller of a queued instance if a slot is free for it to
-        take (called holding the lock)."""
-        if self._sending < self.posts:
-            for pending in self._queue:
-                if pending.waiting:
-                    pending.waiting = False  # woken: the next call wakes another
-                    pending.wake.notify()
-                    return
-
-    def _take(self) -> list[_Pending]:
-        """The next request's instances, in the order they came (called holding the lock)."""
-        batch = [self._queue.popleft()]
-        size = len(batch[0].data)
-        while self._queue and len(batch) < self.batch_size and not batch[0].alone:
-            following = self._queue[0]
-            if following.alone or size + len(following.data) > self.batch_bytes:
-                break
-            batch.append(self._queue.popleft())
-            size += len(following.data)
-        return batch
-
-    def _send(self, batch: list[_Pending]) -> None:
-        """One request for `batch`; each of its callers gets its outcome or the error."""
-        try:
-            outcomes = self.client.store_batch([item.data for item in batch])
-        except BaseException as exc:
-            self._finish(batch, [None] * len(batch), exc)
-            if not isinstance(exc, Exception):
-                raise  # KeyboardInterrupt, SystemExit: after the others were told
-            return
-        self._finish(batch, outcomes, None)
-
-    def _finish(
-        self,
-        batch: list[_Pending],
-        outcomes: Sequence[StoreOutcome | None],
-        error: BaseException | None,
-    ) -> None:
-        with self._lock:
-            for item, outcome in zip(batch, outcomes, strict=True):
-                item.outcome, item.error = outcome, error
-                item.wake.notify()
-
-
-def _result(item: _Pending) -> StoreOutcome:
-    """A finished item's outcome, or its request's error raised in this caller's thread."""
-    if item.error is not None:
-        if isinstance(item.error, BridgeError):
-            # A copy per caller: every error takes one message (bridge.errors), and one object
-            # raised in several threads at once would gather their tracebacks.
-            raise type(item.error)(str(item.error)) from item.error
-        raise item.error
-    assert item.outcome is not None
-    return item.outcome
