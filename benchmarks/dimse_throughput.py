@@ -56,7 +56,7 @@ from benchmarks.throughput import CT_IMAGE_STORAGE, SIZE, ct_slice  # noqa: E402
 from bridge.peers.dimse import DEFAULT_CALLING_AE_TITLE, DicomNode  # noqa: E402
 from tests.orthanc import OrthancServer, StoreSCP, discard, free_ports  # noqa: E402
 
-STORESCU = "storescu"
+STORESCU = "/usr/bin/storescu"  # DCMTK's: pynetdicom installs one of its own in .venv/bin
 MB = 1e6
 
 

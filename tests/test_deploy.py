@@ -264,7 +264,8 @@ def test_source_json_accepts_jpeg2000_over_dicom(
     server = deploy_orthanc("source", tmp_path)
     try:
         storescu = [
-            "storescu",
+            # DCMTK's, by its path: pynetdicom puts a storescu of its own into .venv/bin.
+            "/usr/bin/storescu",
             "--propose-j2k-lossless",  # what a PACS holding JPEG 2000 does
             "--aetitle", "PACS",
             "--call", server.aet,
