@@ -21,7 +21,7 @@ from urllib.parse import urlencode
 import requests
 import urllib3
 
-from bridge import metrics
+from bridge import memfile, metrics
 from bridge.config import ServerConfig
 from bridge.errors import (
     AccessDenied,
@@ -175,15 +175,18 @@ class OrthancClient:
 
     # --- instances ------------------------------------------------------------------------
 
-    def download(self, instance: str) -> bytes:
-        """The stored DICOM file of `instance`, byte for byte."""
+    def download(self, instance: str) -> bytes | memoryview:
+        """The stored DICOM file of `instance`, byte for byte: a big one in a memory file
+        (bridge.memfile), seen through a view of it."""
         # Asked without Accept-Encoding, so not gzipped: compressed pixel data does not
         # shrink, and gzip would cost CPU on both sides of what is usually a LAN or loopback.
-        data = self._call("GET", f"/instances/{instance}/file", what=f"download {instance}")
+        label = f"{self.role} Orthanc (download {instance})"
+        path = f"/instances/{instance}/file"
+        data = self.retry.call(lambda: self._once("GET", path, label, big=True), self.role)
         metrics.BYTES.labels("downloaded").inc(len(data))
         return data
 
-    def upload(self, data: bytes | bytearray) -> Stored:
+    def upload(self, data: bytes | bytearray | memoryview) -> Stored:
         """Store a DICOM file; Orthanc answers Success or AlreadyStored."""
         body = self._json(
             "POST",
@@ -263,9 +266,12 @@ class OrthancClient:
     def _call(self, method: str, path: str, what: str | None = None, **kwargs: Any) -> bytes:
         """The body of a successful answer, with retries as the policy declares them."""
         label = f"{self.role} Orthanc ({what or method + ' ' + path})"
-        return self.retry.call(lambda: self._once(method, path, label, **kwargs), self.role)
+        # Bytes: only a download asks for a body that may come in a memory file (`big`).
+        return cast(
+            bytes, self.retry.call(lambda: self._once(method, path, label, **kwargs), self.role)
+        )
 
-    def _once(self, method: str, path: str, label: str, **kwargs: Any) -> bytes:
+    def _once(self, method: str, path: str, label: str, **kwargs: Any) -> bytes | memoryview:
         """One request and its answer, noting whether the server answered well."""
         try:
             data = self._request(method, path, label, **kwargs)
@@ -284,16 +290,23 @@ class OrthancClient:
         path: str,
         label: str,
         *,
-        body: bytes | bytearray | None = None,
+        body: bytes | bytearray | memoryview | None = None,
         headers: dict[str, str] | None = None,
         params: dict[str, int | str] | None = None,
-    ) -> bytes:
+        big: bool = False,
+    ) -> bytes | memoryview:
+        """The body of the answer; with `big`, a body of memfile.BIG bytes or more is read
+        into a memory file."""
         base = self._node(path)
         url = base + path + (f"?{urlencode(params)}" if params else "")
         try:
             response = self._send(method, url, body, headers)
             try:
-                data = response.read()
+                length = response.length_remaining if big and response.status < 300 else None
+                if length is not None and length >= memfile.BIG and memfile.SUPPORTED:
+                    data: bytes | memoryview = memfile.receive(response, length)
+                else:
+                    data = response.read()
             finally:
                 response.release_conn()
         except urllib3.exceptions.SSLError as exc:
@@ -322,7 +335,7 @@ class OrthancClient:
                 f"{label}: HTTP {status}, redirected to {where}; "
                 f"set {self.role}.url to the address Orthanc itself answers on"
             )
-        detail = _detail(data)
+        detail = _detail(bytes(data))  # bytes already: only a good answer is a memory file
         if status >= 500:
             # On an Orthanc cluster, 503 "could not serialize access" is a transaction that
             # lost a race with another node's: transient, like any 5xx, and the node is up.
@@ -369,7 +382,7 @@ class OrthancClient:
         self,
         method: str,
         url: str,
-        body: bytes | bytearray | None,
+        body: bytes | bytearray | memoryview | None,
         headers: dict[str, str] | None,
     ) -> urllib3.BaseHTTPResponse:
         """Send a request; its answer's body is left to read. Redirects are refused, and

@@ -51,7 +51,7 @@ from bridge.state import (
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes], Transcoded]
+Decoder = Callable[[bytes | memoryview], Transcoded]
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Destination:
 class _Copy:
     """What one target is sent, and what it must then hold."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     syntax: str
     state: str  # CONVERTED or FORWARDED
     passed_through: bool  # an undecodable syntax passed on (forward_unchanged): never deleted
@@ -94,7 +94,7 @@ class Transfer:
     # Writes a ledger entry at once; used to note a verified copy before deleting the original.
     record: Callable[[Entry], None]
     # The bytes a file's decoded copy will take, as far as its header tells (0 when it cannot).
-    decoded_size: Callable[[bytes], int]
+    decoded_size: Callable[[bytes | memoryview], int]
     # False on a cluster worker: it verifies as if it were to delete, and the coordinator, which
     # keeps the ledger, deletes the original (bridge.cluster).
     deletes: bool = True

@@ -1,0 +1,111 @@
+"""Files in memory (Linux memfd) in which big instances cross to a decoding process and back.
+
+A CT slice crosses the decoding process's pipe as bytes, both ways. A multi-frame instance of
+hundreds of MB would then exist twice on each side: the downloaded file in the bridge and in the
+decoding process, and the decoded copy in the decoding process and in the bridge again. From
+`BIG` bytes on, the bridge downloads the file straight into a memory file instead, hands the
+decoding process that file's descriptor (SCM_RIGHTS) with an empty one for the output, and
+uploads from the output as the decoding process wrote it: each byte exists once, in pages that
+both processes map, and nothing of it is copied through a pipe.
+
+A file here is seen as a memoryview of its mapping (`view`), so that what reads bytes (the
+header readers, the HTTP client's upload, a forwarded copy) takes it as it is; `descriptor`
+finds the file behind such a view. The mapping, and the file with it, go when the last view
+does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import weakref
+from typing import Protocol
+
+MIB = 1024 * 1024
+# From this size on a downloaded file goes into a memory file. A CT slice (0.5 MiB) stays on
+# the pipe path, measured the faster one for small files; a file of tens of MB spends more
+# in the pipe's copies than a memory file costs to make and map.
+BIG = 8 * MIB
+# What is read from the socket at once while downloading.
+CHUNK = MIB
+SUPPORTED = hasattr(os, "memfd_create")
+
+
+class _Readable(Protocol):
+    def read(self, amt: int) -> bytes: ...
+
+
+class Mapped(mmap.mmap):
+    """A mapping of a memory file that keeps the file's descriptor, to hand it on."""
+
+    descriptor: int
+
+
+def create(name: str) -> int:
+    """A new, empty memory file (closed on exec; its descriptor crosses only by SCM_RIGHTS)."""
+    return os.memfd_create(f"orthanc-bridge-{name}", os.MFD_CLOEXEC)
+
+
+def receive(body: _Readable, length: int) -> memoryview:
+    """The `length` bytes of an HTTP body, read into a new memory file; a view of it."""
+    fd = create("download")
+    try:
+        # Written with write(), not through the mapping: a page the kernel cannot give is
+        # then an error here, never a SIGBUS.
+        done = 0
+        while done < length:
+            chunk = body.read(min(CHUNK, length - done))
+            if not chunk:  # an OSError, as the HTTP client's own for a dropped connection
+                raise ConnectionError(f"the answer ended after {done} of {length} bytes")
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+            done += len(chunk)
+        return view_of(fd, length, writable=False)
+    finally:
+        os.close(fd)
+
+
+def view_of(fd: int, length: int, *, writable: bool) -> memoryview:
+    """A view of the first `length` bytes of the memory file `fd` (which may be closed after:
+    the view keeps its own descriptor of the file)."""
+    if length == 0:
+        return memoryview(b"") if not writable else memoryview(bytearray())
+    access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
+    try:
+        mapping = Mapped(fd, length, access=access)
+    except OSError as exc:
+        if exc.errno == errno.ENOMEM:
+            # Over the decoding process's address-space limit (bridge.limits): what any
+            # other allocation there raises, and is reported as.
+            raise MemoryError(str(exc)) from None
+        raise
+    mapping.descriptor = os.dup(fd)
+    weakref.finalize(mapping, _close, mapping.descriptor)
+    return memoryview(mapping)
+
+
+def output(fd: int, length: int) -> memoryview:
+    """The memory file `fd` sized to `length` bytes, its pages taken now, as a writable view."""
+    try:
+        if length:
+            os.posix_fallocate(fd, 0, length)
+    except OSError as exc:
+        if exc.errno in (errno.ENOMEM, errno.ENOSPC):
+            raise MemoryError(str(exc)) from None
+        raise
+    return view_of(fd, length, writable=True)
+
+
+def descriptor(data: object) -> int | None:
+    """The memory file behind a view that `receive` or `view_of` made, else None."""
+    if isinstance(data, memoryview) and isinstance(data.obj, Mapped):
+        return data.obj.descriptor
+    return None
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
