@@ -88,14 +88,12 @@ def view_of(fd: int, length: int, *, writable: bool) -> memoryview:
 
 
 def output(fd: int, length: int) -> memoryview:
-    """The memory file `fd` sized to `length` bytes, its pages taken now, as a writable view."""
-    try:
-        if length:
-            os.posix_fallocate(fd, 0, length)
-    except OSError as exc:
-        if exc.errno in (errno.ENOMEM, errno.ENOSPC):
-            raise MemoryError(str(exc)) from None
-        raise
+    """The empty memory file `fd` made `length` bytes long, as a writable view.
+
+    Its pages are taken as they are written, as a new bytearray's are: a file that declares
+    more than it holds costs what it holds.
+    """
+    os.ftruncate(fd, length)
     return view_of(fd, length, writable=True)
 
 
