@@ -1,10 +1,10 @@
 """How fast each decoder of each syntax's chain decodes, per MiB: the calibration of
-bridge.limits.time_allowance.
+bridge.decoding.limits.time_allowance.
 
 Run as `python benchmarks/decode_rates.py [--sizes 512,2048] [--pydicom] [--json out.json]`.
 
-Every decoder in bridge.codecs.DECODER_CHAINS is timed on one frame (the best of three calls, in
-a subprocess of its own per file, so that a decoder that aborts costs only its row):
+Every decoder in bridge.dicom.codecs.DECODER_CHAINS is timed on one frame (the best of three
+calls, in a subprocess of its own per file, so that a decoder that aborts costs only its row):
 
 - generated images, in each syntax an encoder here can write: 16-bit noise over the full range
   (incompressible, the slowest per decoded byte) and a CT-like slice (smooth anatomy plus noise,
@@ -39,8 +39,8 @@ _CHILD = r"""
 import json, sys, time
 import pydicom
 from pydicom.encaps import generate_frames
-from bridge.codecs import DECODER_CHAINS, PixelSpec, _available_chain, _decode_one
-from bridge.codestream import check_frame
+from bridge.dicom.codecs import DECODER_CHAINS, PixelSpec, _available_chain, _decode_one
+from bridge.dicom.codestream import check_frame
 
 path, only = sys.argv[1], sys.argv[2]
 ds = pydicom.dcmread(path)
@@ -153,7 +153,7 @@ def _encoded(folder: Path, label: str, pixels: np.ndarray[Any, Any], bits: int) 
 def _pydicom_files() -> list[Path]:
     import pydicom
 
-    from bridge.codecs import DECODER_CHAINS
+    from bridge.dicom.codecs import DECODER_CHAINS
     from tests.orthanc import pydicom_test_files
 
     files = []
@@ -171,7 +171,7 @@ def _pydicom_files() -> list[Path]:
 def _measure(path: Path) -> list[dict[str, Any]]:
     import pydicom
 
-    from bridge.codecs import DECODER_CHAINS
+    from bridge.dicom.codecs import DECODER_CHAINS
 
     syntax = str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     rows = []

@@ -46,13 +46,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bridge.cli import _clients  # noqa: E402
+from bridge.cli import _clients, make_pipeline  # noqa: E402
 from bridge.config import load  # noqa: E402
-from bridge.pipeline import Pipeline  # noqa: E402
-from bridge.retention import BATCH, DAY, PAUSE, Retention  # noqa: E402
-from bridge.retry import RetryPolicy  # noqa: E402
-from bridge.state import CONVERTED, Delivery, Entry, Pruned, State  # noqa: E402
-from bridge.web import WebServer  # noqa: E402
+from bridge.ledger.retention import BATCH, DAY, PAUSE, Retention  # noqa: E402
+from bridge.ledger.state import Pruned, State  # noqa: E402
+from bridge.outcomes import CONVERTED, Delivery, Entry  # noqa: E402
+from bridge.peers.retry import RetryPolicy  # noqa: E402
+from bridge.watch.web import WebServer  # noqa: E402
 from tests import ledger_support  # noqa: E402
 from tests.orthanc import free_ports  # noqa: E402
 
@@ -143,8 +143,8 @@ def run(
     os.environ.pop("BRIDGE_HTTP_USERNAME", None)
     loaded = load(config)
     source, targets = _clients(loaded, RetryPolicy(stop, max_wait=0))
-    pipeline = Pipeline(loaded, state, source, targets, stop)
-    web = WebServer(loaded, "run", pipeline)
+    pipeline = make_pipeline(loaded, state, source, targets, stop)
+    web = WebServer(loaded, "run", pipeline.snapshot, pipeline.health, state.reader)
     web.start()
     base = f"http://127.0.0.1:{web.port}"
     try:

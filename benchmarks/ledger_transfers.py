@@ -51,8 +51,8 @@ if str(REPO) not in sys.path:
 
 from benchmarks.ledger import TARGETS, Watcher, _latency, _size, status_seconds  # noqa: E402
 from benchmarks.throughput import corpus  # noqa: E402
-from bridge.retention import DAY, Retention  # noqa: E402
-from bridge.state import State  # noqa: E402
+from bridge.ledger.retention import DAY, Retention  # noqa: E402
+from bridge.ledger.state import State  # noqa: E402
 from tests import ledger_support  # noqa: E402
 from tests.orthanc import OrthancServer, free_ports  # noqa: E402
 

@@ -19,7 +19,7 @@ timed), every variant writes into a fresh, empty B. Measured, on the same corpus
           OpenJPEG decodes each frame with a thread per core, so it is not a one-core loop
   copy    download from A and upload the same compressed bytes to B, with several threads:
           what the two servers can take (no decoding at all)
-  decode  the bridge's decoding processes (bridge.decoding.DecoderPool) over the in-memory
+  decode  the bridge's decoding processes (bridge.decoding.pool.DecoderPool) over the in-memory
           corpus, kept busy by two threads each: the CPU limit
   copy (decoded upload)
           as copy, but uploading the decoded file of each instance (computed beforehand): the
@@ -78,8 +78,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bridge.decoding import DecoderPool, TranscodeOptions  # noqa: E402
-from bridge.orthanc import instance_id  # noqa: E402
+from bridge.decoding.pool import DecoderPool  # noqa: E402
+from bridge.jobs import TranscodeOptions  # noqa: E402
+from bridge.peers.orthanc import instance_id  # noqa: E402
 from tests.dask_cluster import DaskCluster  # noqa: E402
 from tests.orthanc import OrthancServer, cpu_seconds, free_ports  # noqa: E402
 from tests.transcode_support import j2k_monochrome  # noqa: E402
@@ -528,7 +529,7 @@ def _on_cluster(
 def _dask_cpu() -> float:
     """CPU seconds so far of every Dask process and every decoding process on this machine."""
     found = subprocess.run(
-        ["pgrep", "-f", "dask (scheduler|worker)|spawn_main|bridge.zygote"],
+        ["pgrep", "-f", "dask (scheduler|worker)|spawn_main|bridge.decoding.zygote"],
         capture_output=True,
         text=True,
     ).stdout.split()

@@ -49,7 +49,7 @@ def make_instance(path: Path, frames: int) -> int:
 
 _CHILD = r"""
 import json, resource, sys
-from bridge.transcode import transcode
+from bridge.dicom.transcode import transcode
 
 def status(field):
     with open("/proc/self/status") as f:

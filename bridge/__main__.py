@@ -1,6 +1,6 @@
 """`python -m bridge` and the `orthanc-bridge` command.
 
-A command that decodes forks the decoding processes' parent (bridge.zygote) before anything
+A command that decodes forks the decoding processes' parent (bridge.decoding.zygote) before anything
 else is imported: its imports (pydicom, numpy, the codecs: ~0.25 s) then overlap the main
 process's own (urllib3, requests, yaml: ~0.15 s), and the first instance is decoded that much
 sooner.
@@ -18,7 +18,7 @@ def main() -> int:
     """Entry point: start the decoders early when they will be needed, then run the CLI."""
     if DECODING_COMMANDS & set(sys.argv[1:]) and not _on_a_cluster(sys.argv[1:]):
         # Forked now, while this process has imported almost nothing and runs no thread.
-        from bridge import zygote
+        from bridge.decoding import zygote
 
         zygote.start()
     from bridge.cli import main as cli_main

@@ -21,18 +21,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from bridge import __version__, logs, progress
+from bridge import __version__
 from bridge.config import Config, load
+from bridge.engine.destinations import peer_for
+from bridge.engine.engines import Engine
+from bridge.engine.inventory import Inventory, read_ahead
+from bridge.engine.local import LocalEngine
+from bridge.engine.pipeline import Pipeline, Summary
 from bridge.errors import BridgeError, ConfigError, StateError
-from bridge.inventory import Inventory, read_ahead
-from bridge.orthanc import OrthancClient
-from bridge.pipeline import Pipeline, Summary
-from bridge.retention import Retention
-from bridge.retry import RetryPolicy, no_retry
+from bridge.ledger.retention import Retention
+from bridge.ledger.state import State
+from bridge.outcomes import PENDING, PROBLEMS
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.peer import Listing, Peer
+from bridge.peers.retry import RetryPolicy, no_retry
 from bridge.routing import needs
-from bridge.sdnotify import Watchdog
-from bridge.state import PENDING, PROBLEMS, State
-from bridge.web import WebServer
+from bridge.watch import logs, progress
+from bridge.watch.sdnotify import Watchdog
+from bridge.watch.web import WebServer
 
 log = logging.getLogger("bridge")
 
@@ -137,15 +143,15 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 # --- commands -----------------------------------------------------------------------------
 
 
-def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, list[OrthancClient]]:
+def _clients(config: Config, retry: RetryPolicy) -> tuple[OrthancClient, list[Peer]]:
     """The source's client and one per target, each named as metrics and messages name it."""
     return (
         OrthancClient(config.source, "source", retry),
-        [OrthancClient(t.server, t.name, retry) for t in config.targets],
+        [peer_for(t, retry) for t in config.targets],
     )
 
 
-Work = Callable[[Pipeline, OrthancClient, list[OrthancClient]], Summary]
+Work = Callable[[Pipeline, OrthancClient, list[Peer]], Summary]
 
 
 def _check_labels(config: Config, source: OrthancClient) -> None:
@@ -167,6 +173,26 @@ def _check_labels(config: Config, source: OrthancClient) -> None:
         )
 
 
+def make_pipeline(
+    config: Config,
+    state: State,
+    source: OrthancClient,
+    targets: Sequence[Peer],
+    stop: threading.Event,
+) -> Pipeline:
+    """The pipeline on the engine `cluster:` chooses: Dask workers, or this machine alone."""
+    engine: Engine
+    if config.cluster is not None:
+        # Imported only here: a bridge without a cluster never loads the Dask client's side.
+        from bridge.engine.cluster import ClusterEngine
+
+        # The transfers run on Dask workers; here, only the feed, the ledger and deletions.
+        engine = ClusterEngine(config, config.cluster, source, state.record, stop)
+    else:
+        engine = LocalEngine(config, source, targets, state.record, stop)
+    return Pipeline(config, state, source, targets, stop, engine)
+
+
 def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
     """Run `work` on a pipeline, with the HTTP server, health probes and systemd's watchdog."""
     stop = threading.Event()
@@ -182,12 +208,12 @@ def _with_pipeline(config: Config, command: str, work: Work) -> Summary:
         state = State(config.state_dir)
         cleanup.callback(state.close)
         cleanup.enter_context(_stop_on_signals(stop))
-        pipeline = Pipeline(config, state, source, targets, stop)
+        pipeline = make_pipeline(config, state, source, targets, stop)
         cleanup.callback(pipeline.close)
         retention = Retention(state, config.ledger_retention_days)
         cleanup.callback(retention.close)
         cleanup.callback(pipeline.health.close)
-        web = WebServer(config, command, pipeline)
+        web = WebServer(config, command, pipeline.snapshot, pipeline.health, state.reader)
         cleanup.callback(web.close)
         watchdog = Watchdog(pipeline.health.liveness, lambda: pipeline.mode)
         cleanup.callback(watchdog.close)
@@ -228,7 +254,7 @@ def _one_shot(what: str, config: Config, work: Work) -> int:
 
 
 def _catch_up(args: argparse.Namespace, config: Config) -> int:
-    def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
+    def work(pipeline: Pipeline, source: OrthancClient, targets: list[Peer]) -> Summary:
         start = pipeline.cursor
 
         def read() -> tuple[int, int]:
@@ -256,7 +282,7 @@ def _process(
 
 
 def _retry(args: argparse.Namespace, config: Config) -> int:
-    def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
+    def work(pipeline: Pipeline, source: OrthancClient, targets: list[Peer]) -> Summary:
         # PENDING too: a retry that was killed or gave up on a server left its instances
         # pending; without this, no later retry would ever pick them up again.
         ids = pipeline.state.requeue((*PROBLEMS, PENDING))
@@ -269,7 +295,7 @@ def _retry(args: argparse.Namespace, config: Config) -> int:
 def _reconcile(args: argparse.Namespace, config: Config) -> int:
     page: int = args.page_size
 
-    def work(pipeline: Pipeline, source: OrthancClient, targets: list[OrthancClient]) -> Summary:
+    def work(pipeline: Pipeline, source: OrthancClient, targets: list[Peer]) -> Summary:
         interval = config.progress_interval
         inventory = Inventory(config.state_dir)
         try:
@@ -280,6 +306,13 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
             for target in targets:
                 if pipeline.stop.is_set():
                     break
+                if not isinstance(target, Listing):
+                    log.warning(
+                        "reconcile cannot list the %s %s: it is left out of the comparison",
+                        target.what,
+                        target.role,
+                    )
+                    continue
                 with _listing(pipeline, target, page, inventory, interval) as pages:
                     inventory.list_target(pages)
                 if pipeline.stop.is_set():
@@ -300,7 +333,7 @@ def _reconcile(args: argparse.Namespace, config: Config) -> int:
 
 @contextmanager
 def _listing(
-    pipeline: Pipeline, client: OrthancClient, page: int, inventory: Inventory, interval: float
+    pipeline: Pipeline, client: Listing, page: int, inventory: Inventory, interval: float
 ) -> Iterator[Iterator[list[str]]]:
     """The pages of `client`'s `/instances`, with a progress report while they are read; the
     pages end early when the bridge is stopped."""
@@ -370,7 +403,7 @@ def _status(args: argparse.Namespace, config: Config) -> int:
         found: dict[str, object] = {"counts": per_target.get(target.role, {})}
         target_reports[target.role] = found
         try:
-            target.system()
+            target.probe()
         except BridgeError as exc:
             found["error"] = str(exc)
             if target.role == "target":  # the single `target:`, as before there were several

@@ -19,11 +19,20 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from bridge.cpus import usable_cpus
+from bridge.decoding.cpus import usable_cpus
 from bridge.errors import ConfigError
 from bridge.routing import Rule, parse_rules
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN, OUTPUT_SYNTAXES
 
 RESET_POLICIES = ("stop", "rewind")
+# Kinds of targets: an Orthanc's REST API, a DICOMweb archive, a DICOM node.
+ORTHANC, DICOMWEB, DICOM = "orthanc", "dicomweb", "dicom"
+KINDS = (ORTHANC, DICOMWEB, DICOM)
+# How a dicom target's copy is verified: its C-STORE status, or Storage Commitment.
+STATUS, COMMITMENT = "status", "commitment"
+DEFAULT_CALLING_AE_TITLE = "ORTHANC-BRIDGE"
+# DICOM AE titles: 1 to 16 characters of the default repertoire, no backslash (PS3.5 6.2).
+_AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 # Next to Orthanc's 8042 (REST) and 4242 (DICOM); no common service listens there by default.
@@ -51,13 +60,6 @@ class ServerConfig:
         object.__setattr__(self, "url", nodes[0])
 
 
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
-IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-# What a target may receive converted instances in.
-OUTPUT_SYNTAXES = {
-    EXPLICIT_VR_LITTLE_ENDIAN: "Explicit VR Little Endian",
-    IMPLICIT_VR_LITTLE_ENDIAN: "Implicit VR Little Endian",
-}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -66,14 +68,51 @@ class TargetConfig:
     """Where instances go: a server, the syntax to convert into, and which instances to take."""
 
     name: str  # "target" for the single `target:`; the name in metrics, ledger and logs
+    # orthanc and dicomweb: the URL (of the REST API, of the DICOMweb service root),
+    # credentials, TLS, timeout. dicom: only a name for the node, dicom://AE@host:port.
     server: ServerConfig
     syntax: str = EXPLICIT_VR_LITTLE_ENDIAN
     rules: tuple[Rule, ...] = ()  # first match wins; no match: convert
+    kind: str = ORTHANC
+    dicomweb: DicomWebConfig | None = None  # kind dicomweb
+    dicom: DicomNodeConfig | None = None  # kind dicom
+
+    @property
+    def deletion_proof(self) -> str | None:
+        """Why this target's verified copy does not prove that it is kept, or None."""
+        if self.dicom is not None and self.dicom.verify == STATUS:
+            return "a dicom target verified by status: a C-STORE status does not prove it kept"
+        return None
+
+
+@dataclass(frozen=True)
+class DicomWebConfig:
+    """A DICOMweb archive's own settings: STOW-RS batching, a bearer token."""
+
+    token: str | None = field(default=None, repr=False)  # BRIDGE_TARGET_<NAME>_TOKEN
+    batch_size: int = 16  # instances per STOW-RS request, at most
+    batch_mb: float = 32.0  # MiB per STOW-RS request, at most (one larger instance goes alone)
+
+
+@dataclass(frozen=True)
+class DicomNodeConfig:
+    """How to reach a DICOM node (C-STORE) and how its copies are verified."""
+
+    host: str
+    port: int
+    ae_title: str  # the node's (called) AE title
+    calling_ae_title: str = DEFAULT_CALLING_AE_TITLE  # the bridge's own
+    verify: str = STATUS  # or COMMITMENT: Storage Commitment (N-ACTION, N-EVENT-REPORT)
+    # Where the bridge listens for the node's N-EVENT-REPORT on an association of its own
+    # (Orthanc sends it so); None: only on the association that asked.
+    commitment_port: int | None = None
+    commitment_timeout: float = 60.0  # no report by then: not verified, retried later
+    timeout: float = 60.0  # connection, association and each answer
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """A Dask scheduler to send the transfers to (bridge.cluster)."""
+    """A Dask scheduler to send the transfers to (bridge.engine.cluster)."""
 
     scheduler: str  # tcp://host:8786 or tls://host:8786
     tls_ca_file: str | None = None
@@ -324,15 +363,86 @@ def _targets(
 def _target(
     section: _Section, where: str, name: str, source: ServerConfig, env: Mapping[str, str]
 ) -> TargetConfig:
+    kind = section.take("kind", str, ORTHANC)
+    if kind not in KINDS:
+        raise ConfigError(f"{where}.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     syntax = section.take("syntax", str, EXPLICIT_VR_LITTLE_ENDIAN).strip()
     if syntax not in OUTPUT_SYNTAXES:
         known = ", ".join(f"{uid} ({what})" for uid, what in OUTPUT_SYNTAXES.items())
         raise ConfigError(f"{where}.syntax: expected one of {known}, got {syntax!r}")
     rules = parse_rules(section.take("rules", object), f"{where}.rules")
-    server = _server(section, where, env, target_env_prefix(name))
+    prefix = target_env_prefix(name)
+    if kind == DICOM:
+        dicom = _dicom_node(section, where)
+        server = ServerConfig(f"dicom://{dicom.ae_title}@{dicom.host}:{dicom.port}")
+        return TargetConfig(name, server, syntax, rules, kind, dicom=dicom)
+    dicomweb = _dicomweb(section, where, env, prefix) if kind == DICOMWEB else None
+    server = _server(section, where, env, prefix)
     if set(source.nodes) & set(server.nodes):
         raise ConfigError(f"{where}.url: must differ from source.url")
-    return TargetConfig(name, server, syntax, rules)
+    if dicomweb is not None and dicomweb.token and server.username:
+        raise ConfigError(
+            f"{where}: give a bearer token ({prefix}TOKEN) or a username and password, not both"
+        )
+    return TargetConfig(name, server, syntax, rules, kind, dicomweb=dicomweb)
+
+
+def _dicomweb(section: _Section, where: str, env: Mapping[str, str], prefix: str) -> DicomWebConfig:
+    """A dicomweb target's own keys; its token only from the environment (a secret)."""
+    defaults = DicomWebConfig()
+    batch_size = section.take("batch_size", int, defaults.batch_size)
+    if not 1 <= batch_size <= 1000:
+        raise ConfigError(f"{where}.batch_size: must be between 1 and 1000, got {batch_size}")
+    batch_mb = section.take("batch_mb", float, defaults.batch_mb)
+    _positive(f"{where}.batch_mb", batch_mb)
+    return DicomWebConfig(env.get(prefix + "TOKEN") or None, batch_size, batch_mb)
+
+
+def _dicom_node(section: _Section, where: str) -> DicomNodeConfig:
+    """A dicom target's keys: the node's address and AE title, the bridge's, verification."""
+    host = section.take("host", str, required=True).strip()
+    if not host:
+        raise ConfigError(f"{where}.host: expected a host name or address")
+    port = _port(section.take("port", int, required=True), f"{where}.port")
+    titles = {}
+    for key, default in (("ae_title", None), ("calling_ae_title", DEFAULT_CALLING_AE_TITLE)):
+        title = section.take(key, str, default, required=default is None).strip()
+        if not _AE_TITLE.match(title):
+            raise ConfigError(
+                f"{where}.{key}: expected 1 to 16 printable ASCII characters without a "
+                f"backslash, got {title!r}"
+            )
+        titles[key] = title
+    verify = section.take("verify", str, STATUS)
+    if verify not in (STATUS, COMMITMENT):
+        raise ConfigError(f"{where}.verify: expected {STATUS} or {COMMITMENT}, got {verify!r}")
+    commitment_port = section.take("commitment_port", int)
+    if commitment_port is not None:
+        _port(commitment_port, f"{where}.commitment_port")
+        if verify != COMMITMENT:
+            raise ConfigError(f"{where}.commitment_port: set, but verify is not {COMMITMENT}")
+    defaults = DicomNodeConfig(host, port, titles["ae_title"])
+    commitment_timeout = section.take("commitment_timeout", float, defaults.commitment_timeout)
+    _positive(f"{where}.commitment_timeout", commitment_timeout)
+    timeout = section.take("timeout", float, defaults.timeout)
+    _positive(f"{where}.timeout", timeout)
+    section.finish()
+    return DicomNodeConfig(
+        host,
+        port,
+        titles["ae_title"],
+        titles["calling_ae_title"],
+        verify,
+        commitment_port,
+        commitment_timeout,
+        timeout,
+    )
+
+
+def _port(port: int, key: str) -> int:
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{key}: expected a port between 1 and 65535, got {port}")
+    return port
 
 
 def target_env_prefix(name: str) -> str:
@@ -426,6 +536,14 @@ def _check_ranges(config: Config) -> None:
             f"got {config.on_source_reset!r}"
         )
     _positive("progress_interval", config.progress_interval)
+    if config.delete_original:
+        for target in config.targets:
+            why = target.deletion_proof
+            if why:
+                raise ConfigError(
+                    f"delete_original: {target.name} is {why}; set its verify: {COMMITMENT}, "
+                    "or delete_original: false"
+                )
     if config.ledger_retention_days < 0:
         raise ConfigError(
             "ledger_retention_days: must be 0 (keep everything) or more, "

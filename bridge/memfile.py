@@ -78,7 +78,7 @@ def view_of(fd: int, length: int, *, writable: bool) -> memoryview:
         mapping = Mapped(fd, length, access=access)
     except OSError as exc:
         if exc.errno == errno.ENOMEM:
-            # Over the decoding process's address-space limit (bridge.limits): what any
+            # Over the decoding process's address-space limit (bridge.decoding.limits): what any
             # other allocation there raises, and is reported as.
             raise MemoryError(str(exc)) from None
         raise

@@ -1,5 +1,5 @@
 """Every metric the bridge exports, defined here with its help text; the code that does the
-work updates them, and the HTTP server (bridge.web) only renders them.
+work updates them, and the HTTP server (bridge.watch.web) only renders them.
 
 The names are a contract with users' dashboards and alert rules (deploy/monitoring): never
 rename one. Labels are bounded: outcomes, stages, server roles, and transfer syntax UIDs from a
@@ -15,7 +15,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -30,57 +29,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from bridge import __version__
-
-if TYPE_CHECKING:
-    from bridge.state import Delivery
+from bridge.outcomes import PROBLEMS, Delivery
+from bridge.uids import KNOWN_SYNTAXES
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # memory, CPU and open files of the main process
 PlatformCollector(registry=REGISTRY)
 
-OUTCOMES = ("converted", "forwarded", "failed", "unsupported", "vanished")
 STAGES = ("download", "decode", "upload", "verify", "delete")
 SERVERS = ("source", "target")
 DIRECTIONS = ("downloaded", "uploaded")
-WAITING = ("failed", "unsupported")  # the ledger states that wait for a person
-
-# Transfer syntaxes a label may name; any other UID a file declares is counted as "other".
-KNOWN_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2",  # Implicit VR Little Endian
-        "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-        "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-        "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-        "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-        "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-        "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000
-        "1.2.840.10008.1.2.4.92",  # JPEG 2000 Part 2 Lossless
-        "1.2.840.10008.1.2.4.93",  # JPEG 2000 Part 2
-        "1.2.840.10008.1.2.4.94",  # JPIP Referenced
-        "1.2.840.10008.1.2.4.95",  # JPIP Referenced Deflate
-        "1.2.840.10008.1.2.4.100",  # MPEG2 Main Profile
-        "1.2.840.10008.1.2.4.101",  # MPEG2 High Profile
-        "1.2.840.10008.1.2.4.102",  # MPEG-4 AVC/H.264
-        "1.2.840.10008.1.2.4.103",  # MPEG-4 AVC/H.264 BD-compatible
-        "1.2.840.10008.1.2.4.104",  # MPEG-4 AVC/H.264 2D video
-        "1.2.840.10008.1.2.4.105",  # MPEG-4 AVC/H.264 3D video
-        "1.2.840.10008.1.2.4.106",  # MPEG-4 AVC/H.264 Stereo
-        "1.2.840.10008.1.2.4.107",  # HEVC/H.265 Main
-        "1.2.840.10008.1.2.4.108",  # HEVC/H.265 Main 10
-        "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
-        "1.2.840.10008.1.2.4.111",  # JPEG XL JPEG Recompression
-        "1.2.840.10008.1.2.4.112",  # JPEG XL
-        "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-        "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-        "1.2.840.10008.1.2.4.203",  # HTJ2K
-        "1.2.840.10008.1.2.5",  # RLE Lossless
-    }
-)
 
 INSTANCES = Counter(
     "orthanc_bridge_instances",
@@ -232,7 +190,7 @@ class _Ledger(Collector):
             "for a person (`orthanc-bridge status`, then `retry`)",
             labels=["state"],
         )
-        for state in WAITING:
+        for state in PROBLEMS:
             family.add_metric([state], (counts or {}).get(state, 0))
         return family
 

@@ -7,7 +7,7 @@ references/, the reference images c1p0_NN-C.pgx and c1p1_NN-C.pgx (component C):
 OpenHTJ2K's conformance_data folder. No codestream is shipped with this project: bring your own.
 
 Each codestream goes into a DICOM file (PixelRepresentation from its SIZ marker) and through
-bridge.transcode.transcode; the result is compared with the reference, component by component
+bridge.dicom.transcode.transcode; the result is compared with the reference, component by component
 (peak absolute error and mean squared error; the standard's tolerances are per codestream).
 A codestream the bridge cannot decode must be refused with DecodeError, never decoded wrongly.
 Each single-component unsigned codestream that decodes exactly is also relabelled signed
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from pydicom import uid
 
+from bridge.dicom.transcode import transcode
 from bridge.errors import DecodeError
-from bridge.transcode import transcode
 from tests.htj2k_support import htj2k_dicom, pgx, siz_components, with_sign
 from tests.transcode_support import native_array, read
 

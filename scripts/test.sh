@@ -17,6 +17,8 @@ step() {
 step ruff check .
 step ruff format --check .
 step mypy
+# The layers of bridge/ ([tool.importlinter] in pyproject.toml): an import that breaks one fails.
+step lint-imports
 step pytest
 # The real-server tests (marker `orthanc`) again, against Debian 13's Orthanc 1.12 from the root
 # scripts/setup.sh built; the first pass ran Debian 12's 1.10.

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bridge.remote import DASK_SETTINGS
+from bridge.engine.tasks import DASK_SETTINGS
 from tests.orthanc import ProcessFailed, free_ports, log_tail, port_accepts
 from tests.polling import wait_for
 
@@ -64,7 +64,7 @@ class DaskCluster:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_ports(1)[0]
         self.address = f"tcp://127.0.0.1:{self.port}"
-        # The settings deploy/ gives the scheduler and workers (bridge.remote.DASK_SETTINGS).
+        # The settings deploy/ gives the scheduler and workers (bridge.engine.tasks.DASK_SETTINGS).
         self.env = env | DASK_SETTINGS | {"PYTHONPATH": str(REPO)}
         self.env["DASK_DISTRIBUTED__WORKER__DAEMON"] = "False"
         self.scheduler = DaskProcess(
@@ -98,7 +98,7 @@ class DaskCluster:
             "0",
             # As deploy/ runs them: the decoders' parent starts with the worker.
             "--preload",
-            "bridge.remote",
+            "bridge.engine.remote",
         ]
         return DaskProcess(argv, self.workdir / f"worker-{number}.log", self.env)
 

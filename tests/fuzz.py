@@ -53,11 +53,11 @@ from pydicom import uid
 from pydicom.datadict import dictionary_VR
 from pydicom.encaps import encapsulate
 
-import bridge.codecs
-from bridge.decoding import TranscodeOptions
+import bridge.dicom.codecs
+from bridge.dicom.header import decoded_size
+from bridge.dicom.transcode import transcode
 from bridge.errors import BridgeError
-from bridge.header import decoded_size
-from bridge.transcode import transcode
+from bridge.jobs import TranscodeOptions
 
 MIB = 1024 * 1024
 KINDS = ("crash", "timeout", "memory", "header", "leak", "reason")
@@ -665,7 +665,7 @@ def mutate_text_attribute(rng: random.Random, doc: Doc) -> str | None:
 
 
 _SYNTAXES = (
-    *sorted(bridge.codecs.DECODER_CHAINS),
+    *sorted(bridge.dicom.codecs.DECODER_CHAINS),
     uid.ImplicitVRLittleEndian,
     uid.ExplicitVRLittleEndian,
     uid.ExplicitVRBigEndian,
@@ -1648,7 +1648,7 @@ def _reporter(fd: int) -> Report:
 
 def _announce_decoders(report: Report) -> None:
     """Make the codecs say which decoder they call, so that a crash names it."""
-    original = getattr(bridge.codecs, "_decode_one", None)
+    original = getattr(bridge.dicom.codecs, "_decode_one", None)
     if original is None:
         return
 
@@ -1657,7 +1657,7 @@ def _announce_decoders(report: Report) -> None:
         report({"decoder": _library(name, syntax)})
         return original(name, *args, **kwargs)
 
-    vars(bridge.codecs)["_decode_one"] = announced
+    vars(bridge.dicom.codecs)["_decode_one"] = announced
 
 
 _J2K_SYNTAXES = {
@@ -1701,7 +1701,7 @@ def _watch_plugins(report: Report) -> None:
 
 def _only_decoder(name: str) -> None:
     """Leave `name` alone in every decoder chain that has it (to tell which one crashes)."""
-    chains = bridge.codecs.DECODER_CHAINS
+    chains = bridge.dicom.codecs.DECODER_CHAINS
     for syntax, chain in chains.items():
         if name in chain:
             chains[syntax] = (name,)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from bridge.state import State
+from bridge.ledger.state import State
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, pydicom_test_files

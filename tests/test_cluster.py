@@ -16,15 +16,16 @@ import pytest
 import requests
 
 from bridge import __version__
-from bridge.cluster import Batches, ClusterTransfer, check_versions
-from bridge.config import IMPLICIT_VR_LITTLE_ENDIAN, ServerConfig, TargetConfig
-from bridge.decoding import TranscodeOptions
+from bridge.config import ServerConfig, TargetConfig
+from bridge.engine.cluster import Batches, ClusterTransfer, check_versions
+from bridge.engine.tasks import Job, job
 from bridge.errors import ConfigError, Interrupted, ServerUnavailable
-from bridge.feed import NewInstance
-from bridge.orthanc import OrthancClient
-from bridge.remote import Job, job
-from bridge.retry import RetryPolicy
-from bridge.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, State
+from bridge.jobs import TranscodeOptions
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED, FAILED, FORWARDED, SKIPPED, Entry, NewInstance
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import RetryPolicy
+from bridge.uids import IMPLICIT_VR_LITTLE_ENDIAN
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.dask_cluster import DaskCluster
@@ -321,11 +322,12 @@ def test_the_coordinator_keeps_a_few_threads_however_many_instances_are_in_fligh
 ) -> None:
     """64 Dask threads take 2,048 instances in flight (batches of 16, two per thread): the
     coordinator waits for them with callbacks, not a thread each (before: 2,050 threads)."""
-    from bridge import pipeline as pipeline_module
+    from bridge.cli import make_pipeline
     from bridge.config import load
+    from bridge.engine import cluster as cluster_module
 
     client = FakeClient(threads=64)
-    monkeypatch.setattr(pipeline_module, "connect", lambda config: client)
+    monkeypatch.setattr(cluster_module, "connect", lambda config: client)
     config_path = tmp_path / "bridge.yaml"
     config_path.write_text(
         "source: {url: 'http://127.0.0.1:1'}\n"
@@ -339,7 +341,7 @@ def test_the_coordinator_keeps_a_few_threads_however_many_instances_are_in_fligh
     state = State(config.state_dir)
     source = OrthancClient(config.source, "source", retry)
     target = OrthancClient(config.targets[0].server, "target", retry)
-    engine = pipeline_module.Pipeline(config, state, source, [target], stop)
+    engine = make_pipeline(config, state, source, [target], stop)
     peak = threading.active_count()
     sampling = threading.Event()
 

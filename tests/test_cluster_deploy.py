@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from bridge.config import load, parse
-from bridge.remote import DASK_SETTINGS
+from bridge.engine.tasks import DASK_SETTINGS
 from tests.test_deploy import DEPLOY, SECRETS, compose_config
 
 KUBERNETES = DEPLOY / "kubernetes"
@@ -79,19 +79,19 @@ def test_kubernetes_example_coordinator_finds_the_dask_cluster() -> None:
 
 
 def test_the_image_quiets_dasks_dashboard_feeds() -> None:
-    """The scheduler and workers run with bridge.remote.DASK_SETTINGS, as the tests' cluster."""
+    """Scheduler and workers run with bridge.engine.tasks.DASK_SETTINGS, as the tests' cluster."""
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for name, value in DASK_SETTINGS.items():
         assert f"{name}={value}" in dockerfile, name
 
 
 def test_workers_import_the_decoders_as_they_start(tmp_path: Path) -> None:
-    """`--preload bridge.remote` on every worker, as tests/dask_cluster.py runs them."""
+    """`--preload bridge.engine.remote` on every worker, as tests/dask_cluster.py runs them."""
     secrets = SECRETS | {"BRIDGE_CONFIG": "bridge-cluster.yaml"}
     result = compose_config(tmp_path, secrets, "--profile", "cluster")
     assert result.returncode == 0, result.stderr
     entrypoint = yaml.safe_load(result.stdout)["services"]["dask-worker"]["entrypoint"]
-    assert entrypoint[entrypoint.index("--preload") + 1] == "bridge.remote"
+    assert entrypoint[entrypoint.index("--preload") + 1] == "bridge.engine.remote"
     resource = yaml.safe_load((KUBERNETES / "dask-cluster.yaml").read_text())
     args = resource["spec"]["worker"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--preload") + 1] == "bridge.remote"
+    assert args[args.index("--preload") + 1] == "bridge.engine.remote"

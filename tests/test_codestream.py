@@ -17,9 +17,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import generate_uid
 
-import bridge.codecs
+import bridge.dicom.codecs
+from bridge.dicom.transcode import transcode
 from bridge.errors import DecodeError
-from bridge.transcode import transcode
 from tests.transcode_support import bundled
 
 Change = Callable[[Dataset, bytearray], None]
@@ -130,7 +130,7 @@ def no_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
     def called(*args: object) -> None:
         raise AssertionError("a decoder was called on a frame the pre-check should refuse")
 
-    monkeypatch.setattr(bridge.codecs, "_decode_one", called)
+    monkeypatch.setattr(bridge.dicom.codecs, "_decode_one", called)
 
 
 @pytest.mark.usefixtures("no_decoder")

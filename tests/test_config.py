@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bridge.config import Config, HttpConfig, ServerConfig, load, parse
+from bridge.config import (
+    Config,
+    DicomNodeConfig,
+    DicomWebConfig,
+    HttpConfig,
+    ServerConfig,
+    load,
+    parse,
+)
 from bridge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,3 +153,75 @@ def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("source: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(bad)
+
+
+def _kinds_example() -> list[dict[str, object]]:
+    """The commented `kind` example of the shipped bridge.yaml, as YAML."""
+    text = (REPO / "bridge.yaml").read_text()
+    example = text[text.index("#   - name: pacs-archive\n") :]
+    lines = list(itertools.takewhile(lambda line: line.startswith("# "), example.splitlines()))
+    targets: list[dict[str, object]] = yaml.safe_load("\n".join(line[2:] for line in lines))
+    return targets
+
+
+def test_the_shipped_kinds_example_is_valid() -> None:
+    raw = {"source": BASE["source"], "targets": _kinds_example(), "delete_original": True}
+    env = {"BRIDGE_TARGET_PACS_ARCHIVE_TOKEN": "s3cret"}
+    archive, workstation = parse(raw, Path("/etc"), env=env).targets
+    assert (archive.kind, archive.server.url) == (
+        "dicomweb",
+        "https://archive.example.org/dcm4chee-arc/aets/DCM4CHEE/rs",
+    )
+    assert archive.dicomweb == DicomWebConfig(token="s3cret")
+    assert "s3cret" not in repr(archive)
+    assert workstation.kind == "dicom"
+    assert workstation.dicom == DicomNodeConfig(
+        "10.0.0.5", 104, "WORKSTATION", "ORTHANC-BRIDGE", "commitment", 11113
+    )
+    assert workstation.server.url == "dicom://WORKSTATION@10.0.0.5:104"
+
+
+def _one(target: dict[str, object], **top: object) -> dict[str, object]:
+    return {"source": BASE["source"], "targets": [{"name": "t", **target}], **top}
+
+
+DICOM = {"kind": "dicom", "host": "node", "port": 104, "ae_title": "NODE"}
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_one({"kind": "dimse", "url": "http://b"}), "targets[0].kind: expected one of orthanc"),
+        (_one({**DICOM, "host": None}), "targets[0].host"),
+        (_one({**DICOM, "port": 0}), "targets[0].port: expected a port between 1 and 65535"),
+        (_one({**DICOM, "ae_title": "A" * 17}), "targets[0].ae_title: expected 1 to 16"),
+        (_one({**DICOM, "calling_ae_title": "A\\B"}), "targets[0].calling_ae_title"),
+        (_one({**DICOM, "verify": "echo"}), "targets[0].verify: expected status or commitment"),
+        (_one({**DICOM, "commitment_port": 11113}), "commitment_port: set, but verify is not"),
+        (_one({**DICOM, "url": "http://b"}), "targets[0].url: unknown key"),
+        (_one({**DICOM}, delete_original=True), "delete_original: t is a dicom target verified"),
+        (_one({"kind": "dicomweb", "url": "http://b", "batch_size": 0}), "batch_size: must be"),
+        (_one({"kind": "dicomweb", "url": "http://b", "batch_mb": 0}), "batch_mb: must be"),
+        (_one({"kind": "orthanc", "url": "http://b", "batch_size": 4}), "batch_size: unknown key"),
+    ],
+)
+def test_a_bad_target_kind_is_refused_with_its_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(raw, Path("/etc"), env={})
+
+
+def test_a_dicomweb_token_comes_from_the_environment_and_excludes_basic_auth() -> None:
+    raw = _one({"kind": "dicomweb", "url": "http://b/dicom-web"})
+    config = parse(raw, Path("/etc"), env={"BRIDGE_TARGET_T_TOKEN": "tok"})
+    assert config.targets[0].dicomweb == DicomWebConfig(token="tok")
+    env = {"BRIDGE_TARGET_T_TOKEN": "tok", "BRIDGE_TARGET_T_USERNAME": "u"}
+    with pytest.raises(ConfigError, match=r"BRIDGE_TARGET_T_TOKEN.*not both"):
+        parse(raw, Path("/etc"), env=env)
+
+
+def test_a_dicom_target_verified_by_commitment_may_delete_originals() -> None:
+    raw = _one({**DICOM, "verify": "commitment"}, delete_original=True)
+    config = parse(raw, Path("/etc"), env={})
+    assert config.delete_original
+    assert config.targets[0].dicom is not None
+    assert config.targets[0].dicom.commitment_port is None

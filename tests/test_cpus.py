@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bridge.cpus import cgroup_cpu_quota, usable_cpus
+from bridge.decoding.cpus import cgroup_cpu_quota, usable_cpus
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ def test_the_cores_the_process_may_run_on_are_counted(tmp_path: Path) -> None:
     script = (
         "import os\n"
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
-        "from bridge.cpus import usable_cpus\n"
+        "from bridge.decoding.cpus import usable_cpus\n"
         "assert usable_cpus() == 1, usable_cpus()\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, timeout=60)

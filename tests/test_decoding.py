@@ -16,11 +16,14 @@ from typing import Any
 import pytest
 from pydicom import uid
 
-from bridge import decoding, zygote
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, Transcoded, TranscodeOptions
+from bridge.decoding import pool as decoding
+from bridge.decoding import zygote
+from bridge.decoding.limits import memory_allowance
+from bridge.decoding.pool import DecoderPool
+from bridge.dicom.transcode import transcode
 from bridge.errors import DecodeError, Interrupted
-from bridge.limits import memory_allowance
-from bridge.transcode import transcode
+from bridge.jobs import Transcoded, TranscodeOptions
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.orthanc import cpu_seconds
 from tests.polling import wait_for
 from tests.transcode_support import j2k_multiframe
@@ -170,8 +173,8 @@ def test_an_instance_queued_behind_a_crashing_one_is_not_blamed(
 def test_the_decoding_server_imports_the_transcoder_without_requests() -> None:
     # Hidden only while pydicom is imported (a faster start); importable again afterwards.
     script = (
-        "import sys, bridge.preload\n"
-        "assert 'bridge.transcode' in sys.modules\n"
+        "import sys, bridge.decoding.preload\n"
+        "assert 'bridge.dicom.transcode' in sys.modules\n"
         "assert 'requests' not in sys.modules, 'pydicom imported requests'\n"
         "import requests\n"
     )
@@ -181,7 +184,7 @@ def test_the_decoding_server_imports_the_transcoder_without_requests() -> None:
 def test_the_main_process_never_loads_pydicom() -> None:
     # Its 0.2 s of imports belong to the decoding server, which runs them while this starts.
     script = (
-        "import sys, bridge.cli, bridge.pipeline\n"
+        "import sys, bridge.cli, bridge.engine.pipeline\n"
         "assert 'pydicom' not in sys.modules and 'numpy' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO)
@@ -193,7 +196,7 @@ def test_decoders_that_cannot_be_loaded_fail_each_instance_with_the_reason() -> 
     script = (
         "import sys, threading\n"
         "sys.modules['numpy'] = None\n"
-        "from bridge.decoding import DecoderPool, TranscodeOptions\n"
+        "from bridge.decoding.pool import DecoderPool\nfrom bridge.jobs import TranscodeOptions\n"
         "from bridge.errors import DecodeError\n"
         "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
         "for _ in range(2):\n"
@@ -218,7 +221,7 @@ def test_workers_that_cannot_be_started_fail_the_instance_without_looping() -> N
         "        raise BlockingIOError(11, 'Resource temporarily unavailable')\n"
         "    return real_fork()\n"
         "os.fork = failing_fork\n"
-        "from bridge.decoding import DecoderPool, TranscodeOptions\n"
+        "from bridge.decoding.pool import DecoderPool\nfrom bridge.jobs import TranscodeOptions\n"
         "from bridge.errors import DecodeError\n"
         "pool = DecoderPool(1, TranscodeOptions(), threading.Event())\n"
         "try:\n"
@@ -257,8 +260,8 @@ def test_memory_beyond_an_instance_allowance_fails_it_with_the_reason(slow: byte
     # than the 8 MiB this instance is allowed here.
     script = (
         "import numpy, sys\n"
-        "from bridge.limits import address_space_limited\n"
-        "from bridge.transcode import transcode\n"
+        "from bridge.decoding.limits import address_space_limited\n"
+        "from bridge.dicom.transcode import transcode\n"
         "from bridge.errors import DecodeError\n"
         "data = sys.stdin.buffer.read()\n"
         "with address_space_limited(8 * 2**20):\n"
@@ -282,7 +285,7 @@ def test_memory_beyond_an_instance_allowance_fails_it_with_the_reason(slow: byte
 
 def test_the_memory_allowance_follows_the_declared_size(slow: bytes) -> None:
     decoded, frame = 40 * 512 * 512 * 2, 512 * 512 * 2
-    # The frames being decoded at once: one per thread of bridge.frames, and the next one.
+    # The frames being decoded at once: one per thread of bridge.dicom.frames, and the next one.
     at_once = min(40, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) + 1)
     expected = 256 * 2**20 + 2 * len(slow) + 2 * decoded + 6 * frame * at_once
     assert memory_allowance(slow, 2 * 1024**3) == expected
@@ -299,7 +302,7 @@ def test_a_decoder_that_crashes_its_process_fails_the_instance_at_once(
     runner, future = in_background(pool, slow)
     victim = busy_worker(pool, before)
     os.kill(victim, signal.SIGSEGV)
-    # A multi-frame JPEG 2000 instance's frames are decoded by threads (bridge.frames).
+    # A multi-frame JPEG 2000 instance's frames are decoded by threads (bridge.dicom.frames).
     crashed = r"the decoder (pylibjpeg on frame \d+|imagecodecs on frames \d+-\d+) crashed its "
     with pytest.raises(DecodeError, match=crashed):
         future.result(timeout=60)
@@ -316,7 +319,7 @@ def test_what_decoders_print_stays_out_of_the_output() -> None:
     # warns there too. None of it may reach the bridge's log.
     script = (
         "import io, threading, pydicom\n"
-        "from bridge.decoding import DecoderPool, TranscodeOptions\n"
+        "from bridge.decoding.pool import DecoderPool\nfrom bridge.jobs import TranscodeOptions\n"
         "from tests.transcode_support import bundled\n"
         "ds = pydicom.dcmread(bundled('MR_small_RLE.dcm'))\n"
         "ds.Rows = 32\n"

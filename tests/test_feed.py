@@ -7,8 +7,9 @@ from __future__ import annotations
 import threading
 from typing import cast
 
-from bridge import feed
-from bridge.orthanc import Change, ChangesPage, OrthancClient
+from bridge.outcomes import NewInstance
+from bridge.peers import feed
+from bridge.peers.orthanc import Change, ChangesPage, OrthancClient
 
 
 class LateLog:
@@ -52,7 +53,7 @@ def arrivals(log: LateLog, recheck: int, polls: int) -> list[int]:
         recheck=recheck,
     )
     for event in events:
-        if isinstance(event, feed.NewInstance):
+        if isinstance(event, NewInstance):
             seqs.append(event.seq)
     return seqs
 

@@ -1,4 +1,4 @@
-"""The frames of a multi-frame JPEG 2000 instance decoded by threads (bridge.frames): the same
+"""The frames of a multi-frame JPEG 2000 instance decoded by threads (bridge.dicom.frames): the same
 bytes as the decoder chain gives one frame at a time, and pydicom's own decoding; frames that may
 not take that path (lossy, another precision or sign) still go to the chain."""
 
@@ -12,9 +12,9 @@ import pydicom
 import pytest
 from openjpeg.utils import encode_array
 
-from bridge import codecs
-from bridge import frames as threaded
-from bridge.transcode import transcode
+from bridge.dicom import codecs
+from bridge.dicom import frames as threaded
+from bridge.dicom.transcode import transcode
 from tests.transcode_support import j2k_monochrome
 
 

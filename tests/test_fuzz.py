@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from pydicom import uid
 
-import bridge.codecs
+import bridge.dicom.codecs
 import bridge.errors
 from tests.fuzz import (
     KINDS,
@@ -50,7 +50,7 @@ def test_the_seeds_cover_every_syntax_the_bridge_decodes(corpus: Corpus) -> None
         uid.ExplicitVRBigEndian,
         uid.DeflatedExplicitVRLittleEndian,
     }
-    assert set(bridge.codecs.DECODER_CHAINS) | native <= syntaxes
+    assert set(bridge.dicom.codecs.DECODER_CHAINS) | native <= syntaxes
 
 
 def test_inputs_are_a_function_of_the_seed_and_the_index_alone(corpus: Corpus) -> None:

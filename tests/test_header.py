@@ -12,7 +12,7 @@ from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 
-from bridge.header import decoded_size, transfer_syntax
+from bridge.dicom.header import decoded_size, transfer_syntax
 from tests.orthanc import pydicom_test_files
 
 

@@ -16,12 +16,13 @@ from typing import Any, cast
 
 import pytest
 
-from bridge import metrics, sdnotify
+from bridge import metrics
 from bridge.config import ServerConfig
-from bridge.health import READY_WINDOW, Health, Throughput
-from bridge.logs import JsonFormatter
-from bridge.orthanc import OrthancClient
-from bridge.state import State
+from bridge.ledger.state import State
+from bridge.peers.orthanc import OrthancClient
+from bridge.watch import sdnotify
+from bridge.watch.health import READY_WINDOW, Health, Throughput
+from bridge.watch.logs import JsonFormatter
 
 
 class Clock:
@@ -35,6 +36,7 @@ class Clock:
 @dataclass
 class FakeClient:
     role: str
+    what: str = "Orthanc"
     server: ServerConfig = field(default_factory=lambda: ServerConfig("http://x", timeout=60))
     up: bool | None = None
     last_answer: float | None = None

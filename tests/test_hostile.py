@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from bridge.decoding import DecoderPool, TranscodeOptions
+from bridge.decoding.pool import DecoderPool
 from bridge.errors import DecodeError, TooLarge
+from bridge.jobs import TranscodeOptions
 from tests import bridgectl, hostile
 from tests.orthanc import OrthancServer
 from tests.test_resilience import assert_all_converted

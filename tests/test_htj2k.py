@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from pydicom import uid
 
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN
-from bridge.transcode import transcode
+from bridge.dicom.transcode import transcode
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.htj2k_support import (
     grok_decode,
     grok_encode,

@@ -7,8 +7,8 @@ import io
 import pydicom
 import pytest
 
-import bridge.implicit as implicit
-from bridge.transcode import transcode
+import bridge.dicom.implicit as implicit
+from bridge.dicom.transcode import transcode
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, pydicom_sample_paths, pydicom_test_files
 from tests.transcode_support import with_curves_and_overlay
 
@@ -27,7 +27,7 @@ def explicit_files() -> dict[str, bytes]:
             found[path.name] = path.read_bytes()
     for key, path in pydicom_sample_paths().items():
         found[f"converted {key}"] = bytes(transcode(path.read_bytes()).data)
-    # Elements whose VR Implicit VR left open, decided by the transcoder (bridge.vr).
+    # Elements whose VR Implicit VR left open, decided by the transcoder (bridge.dicom.vr).
     found["converted curves"] = bytes(transcode(with_curves_and_overlay()).data)
     return found
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from bridge.engine.inventory import Inventory, read_ahead
 from bridge.errors import ServerUnavailable
-from bridge.inventory import Inventory, read_ahead
 
 
 def pages(ids: list[str], size: int) -> list[list[str]]:

@@ -14,9 +14,9 @@ import pydicom
 import pytest
 from pydicom.encaps import generate_frames
 
-from bridge.codestream import read_declared
+from bridge.dicom.codestream import read_declared
+from bridge.dicom.jpegls_presets import Presets, check_presets, default_thresholds
 from bridge.errors import DecodeError
-from bridge.jpegls_presets import Presets, check_presets, default_thresholds
 from tests.orthanc import pydicom_test_files
 
 JPEG_LS = ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")

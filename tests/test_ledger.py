@@ -23,8 +23,9 @@ import yaml
 
 from bridge.cli import EXIT_STATE, main
 from bridge.errors import StateError
-from bridge.retention import BATCH, DAY, Retention
-from bridge.state import (
+from bridge.ledger.retention import BATCH, DAY, Retention
+from bridge.ledger.state import SCHEMA_VERSION, LedgerReads, Pruned, State
+from bridge.outcomes import (
     CONVERTED,
     DELETING,
     FAILED,
@@ -32,15 +33,11 @@ from bridge.state import (
     FORWARDED,
     PENDING,
     PROBLEMS,
-    SCHEMA_VERSION,
     SKIPPED,
     UNSUPPORTED,
     VANISHED,
     Delivery,
     Entry,
-    LedgerReads,
-    Pruned,
-    State,
 )
 from tests import bridgectl, ledger_support
 from tests.ledger_support import rows_counted
@@ -131,7 +128,8 @@ def test_totals_match_the_rows_after_random_histories(tmp_path: Path) -> None:
 _KILLED_WRITER = """
 import random, sys
 from pathlib import Path
-from bridge.state import Delivery, Entry, State, PROBLEMS
+from bridge.outcomes import Delivery, Entry, PROBLEMS
+from bridge.ledger.state import State
 state = State(Path(sys.argv[1]))
 rng = random.Random(7)
 print("ready", flush=True)
@@ -181,7 +179,7 @@ def test_a_version_1_ledger_is_migrated_in_place_at_first_open(
     ledger_support.fill(path, 3000, targets=("a", "b"), updated=NOW)
     before = rows_counted(path)
     assert before[0] == {CONVERTED: 2994, FAILED: 6}
-    with caplog.at_level(logging.INFO, logger="bridge.state"):
+    with caplog.at_level(logging.INFO, logger="bridge.ledger.state"):
         state = State(tmp_path, clock=Clock(NOW))
     assert any(
         "migrated from version 1 to 2: totals of 3000 instances" in r.getMessage()
@@ -206,7 +204,7 @@ def test_a_version_1_ledger_is_migrated_in_place_at_first_open(
     assert version == (str(SCHEMA_VERSION),)
     assert auto_vacuum == 0  # left as it was: changing it needs a full VACUUM
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="bridge.state"):
+    with caplog.at_level(logging.INFO, logger="bridge.ledger.state"):
         State(tmp_path).close()  # the second open migrates nothing
     assert not any("migrated" in r.getMessage() for r in caplog.records)
 
@@ -382,7 +380,7 @@ def test_retention_outlives_a_ledger_that_cannot_be_written_for_a_while(
         return real_prune(before, limit)
 
     monkeypatch.setattr(state, "prune", prune)
-    monkeypatch.setattr("bridge.retention.RETRY", 0.01)
+    monkeypatch.setattr("bridge.ledger.retention.RETRY", 0.01)
     retention = Retention(state, 90, clock=clock)
     retention.start()
     try:

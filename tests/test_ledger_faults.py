@@ -12,11 +12,11 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
-from bridge.cli import _clients
+from bridge.cli import _clients, make_pipeline
 from bridge.config import load
-from bridge.pipeline import Pipeline
-from bridge.retry import RetryPolicy
-from bridge.state import CONVERTED, State
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED
+from bridge.peers.retry import RetryPolicy
 from tests import bridgectl
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer
 
@@ -55,7 +55,7 @@ def test_no_instance_is_skipped_when_ledger_writes_fail_mid_run(
     failing = _CommitsFailNowAndThen(state._db, failures=6)
     state._db = cast(sqlite3.Connection, failing)
     source_client, target_clients = _clients(config, RetryPolicy(stop, max_wait=20))
-    pipeline = Pipeline(config, state, source_client, target_clients, stop)
+    pipeline = make_pipeline(config, state, source_client, target_clients, stop)
     try:
         summary = pipeline.follow(forever=False)
     finally:

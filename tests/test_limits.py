@@ -7,8 +7,8 @@ which GDCM loops for ever held a decoder for two minutes, as long as a 100 MiB o
 from __future__ import annotations
 
 from bridge.config import Config
-from bridge.decoding import TranscodeOptions
-from bridge.limits import MIB, time_allowance
+from bridge.decoding.limits import MIB, time_allowance
+from bridge.jobs import TranscodeOptions
 from tests import hostile
 from tests.transcode_support import j2k_multiframe
 

@@ -21,13 +21,15 @@ from pydicom import uid
 
 from bridge import memfile
 from bridge.config import ServerConfig
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, DecoderPool, TranscodeOptions
+from bridge.decoding.limits import FRAME_COPIES
+from bridge.decoding.pool import DecoderPool
+from bridge.dicom.frames import threads as frames_threads
+from bridge.dicom.transcode import transcode
 from bridge.errors import DecodeError
-from bridge.frames import threads as frames_threads
-from bridge.limits import FRAME_COPIES
-from bridge.orthanc import OrthancClient
-from bridge.retry import no_retry
-from bridge.transcode import transcode
+from bridge.jobs import TranscodeOptions
+from bridge.peers.orthanc import OrthancClient
+from bridge.peers.retry import no_retry
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests import bridgectl, tree_memory
 from tests.orthanc import OrthancServer, cpu_seconds
 from tests.polling import wait_for
@@ -145,8 +147,8 @@ def test_a_memory_file_s_output_beyond_the_allowance_fails_with_the_reason(slow:
     script = (
         "import functools, os, sys\n"
         "from bridge import memfile\n"
-        "from bridge.limits import address_space_limited\n"
-        "from bridge.transcode import transcode\n"
+        "from bridge.decoding.limits import address_space_limited\n"
+        "from bridge.dicom.transcode import transcode\n"
         "from bridge.errors import DecodeError\n"
         "data = sys.stdin.buffer.read()\n"
         "view = memfile.receive(__import__('io').BytesIO(data), len(data))\n"

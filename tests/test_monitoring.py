@@ -183,9 +183,9 @@ _EXPOSE_BRIDGE = """
 import json, sys
 from prometheus_client import generate_latest
 from bridge import metrics
-metrics.INSTANCES.labels(metrics.OUTCOMES[0], "unknown")
+metrics.INSTANCES.labels("converted", "unknown")
 metrics.SERVER_UP.labels(metrics.SERVERS[0]).set(1)
-metrics.DELIVERIES.labels("target", metrics.OUTCOMES[0])
+metrics.DELIVERIES.labels("target", "converted")
 families = {family.name: family.type for family in metrics.REGISTRY.collect()}
 sys.stdout.write(json.dumps(families) + "\\n" + generate_latest(metrics.REGISTRY).decode())
 """

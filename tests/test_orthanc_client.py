@@ -15,7 +15,6 @@ from typing import ClassVar
 import pydicom
 import pytest
 
-from bridge import feed
 from bridge.config import ServerConfig
 from bridge.errors import (
     AccessDenied,
@@ -25,8 +24,10 @@ from bridge.errors import (
     Rejected,
     ServerUnavailable,
 )
-from bridge.orthanc import ChangesPage, OrthancClient, instance_id
-from bridge.retry import RetryPolicy, no_retry
+from bridge.outcomes import NewInstance
+from bridge.peers import feed
+from bridge.peers.orthanc import ChangesPage, OrthancClient, instance_id
+from bridge.peers.retry import RetryPolicy, no_retry
 from tests.orthanc import OrthancServer, free_ports, pydicom_test_files
 
 
@@ -46,7 +47,7 @@ def test_changes_download_upload_and_delete(source: OrthancServer) -> None:
         )
     )
     # NewInstance comes first; the new series/study/patient rows need no work but are scanned.
-    assert events == [feed.NewInstance(1, iid), feed.Scanned(2), feed.Scanned(4)]
+    assert events == [NewInstance(1, iid), feed.Scanned(2), feed.Scanned(4)]
     assert events[-1] == feed.Scanned(orthanc.last_change())
     assert orthanc.download(iid) == path.read_bytes()
     assert orthanc.transfer_syntax(iid) == "1.2.840.10008.1.2.4.90"

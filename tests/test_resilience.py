@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from bridge.state import State
+from bridge.ledger.state import State
 from tests import bridgectl, hostile
 from tests.conftest import MakeOrthanc
 from tests.ledger_support import rows_counted

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.state import State
+from bridge.ledger.state import State
 from tests import bridgectl
 from tests.orthanc import OrthancServer, free_ports
 from tests.polling import wait_for
@@ -135,13 +135,14 @@ def test_a_start_that_fails_half_way_closes_what_it_opened(
 ) -> None:
     """A Dask scheduler that cannot be reached fails the pipeline after the state was opened:
     the state's lock is let go (before: held until the process ended)."""
-    from bridge import cli, pipeline
-    from bridge.cluster import ClusterError
+    from bridge import cli
+    from bridge.engine import cluster
+    from bridge.engine.cluster import ClusterError
 
     def unreachable(config: object) -> None:
         raise ClusterError("cluster: cannot reach the scheduler tcp://127.0.0.1:1: refused")
 
-    monkeypatch.setattr(pipeline, "connect", unreachable)
+    monkeypatch.setattr(cluster, "connect", unreachable)
     config = tmp_path / "bridge.yaml"
     config.write_text(
         "source: {url: 'http://127.0.0.1:1'}\n"

@@ -23,7 +23,8 @@ import requests
 import yaml
 
 from bridge.errors import StateError
-from bridge.state import CONVERTED, State
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED
 from tests import bridgectl
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, discard

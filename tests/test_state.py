@@ -11,15 +11,17 @@ from typing import Any, cast
 
 import pytest
 
-from bridge.budget import ByteBudget, Holding
 from bridge.config import ServerConfig, TargetConfig
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, Transcoded
+from bridge.engine.budget import ByteBudget, Holding
+from bridge.engine.destinations import Destination, OrthancDestination
+from bridge.engine.pipeline import Progress
+from bridge.engine.transfer import Transfer
 from bridge.errors import Interrupted, StateError
-from bridge.feed import NewInstance
-from bridge.orthanc import OrthancClient, Stored
-from bridge.pipeline import Progress
-from bridge.state import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, State
-from bridge.transfer import Destination, Transfer
+from bridge.jobs import Transcoded
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED, DELETING, FAILED, PENDING, PROBLEMS, Entry, NewInstance
+from bridge.peers.orthanc import OrthancClient, Stored
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.polling import wait_for
 
 
@@ -146,7 +148,9 @@ def test_a_decoded_copy_is_counted_before_it_is_decoded() -> None:
         return Transcoded(b"d" * 1000, "1.2.840.10008.1.2.4.90", "1.2.3", forwarded=False)
 
     servers = cast(OrthancClient, _Servers())
-    targets = [Destination(TargetConfig("target", ServerConfig("http://b")), servers)]
+    targets: list[Destination] = [
+        OrthancDestination(TargetConfig("target", ServerConfig("http://b")), servers, stop)
+    ]
     transfer = Transfer(
         servers, targets, decode, False, stop, budget, lambda entry: None, lambda data: 1000
     )

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from bridge.statuspage import OUTCOMES, ProblemView, ServerView, StatusView, render
+from bridge.outcomes import OUTCOMES
+from bridge.watch.statuspage import ProblemView, ServerView, StatusView, render
 from tests import browser
 from tests.browser import render_page
 

@@ -18,7 +18,8 @@ import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from bridge.state import CONVERTED, FAILED, FORWARDED, SKIPPED, Delivery, State
+from bridge.ledger.state import State
+from bridge.outcomes import CONVERTED, FAILED, FORWARDED, SKIPPED, Delivery
 from tests import bridgectl, hostile
 from tests.conftest import MakeOrthanc
 from tests.orthanc import EXPLICIT_VR_LITTLE_ENDIAN, OrthancServer, StoreSCP, discard

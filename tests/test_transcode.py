@@ -24,10 +24,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended
 from pydicom.pixels.processing import convert_color_space
 
-from bridge.decoding import EXPLICIT_VR_LITTLE_ENDIAN, TranscodeOptions
-from bridge.dicomfile import read_meta
+from bridge.dicom.dicomfile import read_meta
+from bridge.dicom.transcode import transcode
 from bridge.errors import BridgeError, DecodeError, TooLarge, UnsupportedSyntax
-from bridge.transcode import transcode
+from bridge.jobs import TranscodeOptions
+from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 from tests.transcode_support import (
     assert_same_elements,
     bundled,
@@ -228,7 +229,7 @@ def test_converts_like_reference(case: Case, workdir: Path) -> None:
 
     assert not result.forwarded
     assert result.source_syntax == source.file_meta.TransferSyntaxUID
-    # As read here: an element its sender wrote as UN stays raw bytes (bridge.dicomfile).
+    # As read here: an element its sender wrote as UN stays raw bytes (bridge.dicom.dicomfile).
     sop_instance, sop_class = (uid_text(source, k) for k in ("SOPInstanceUID", "SOPClassUID"))
     assert result.sop_instance_uid == sop_instance
     assert output.file_meta.TransferSyntaxUID == EXPLICIT_VR_LITTLE_ENDIAN
@@ -560,11 +561,11 @@ def entry_points(**kwargs):
 
 md.entry_points = entry_points
 if sys.argv[3:] == ["preload"]:
-    import bridge.preload  # as in the workers: GDCM deferred until a chain needs it
+    import bridge.decoding.preload  # as in the workers: GDCM deferred until a chain needs it
     assert sys.modules.get("gdcm") is None
 import hashlib
 from bridge.errors import UnsupportedSyntax
-from bridge.transcode import transcode
+from bridge.dicom.transcode import transcode
 try:
     result = transcode(open(sys.argv[1], "rb").read())
 except UnsupportedSyntax as exc:
@@ -686,11 +687,11 @@ def test_un_elements_stay_un_when_threads_convert_at_once(monkeypatch: pytest.Mo
 
 
 def test_pydicoms_un_setting_is_set_once_where_the_bridge_reads_with_pydicom() -> None:
-    """Set in bridge.dicomfile only; set in every process after the bridge's first read."""
+    """Set in bridge.dicom.dicomfile only; set in every process after the bridge's first read."""
     root = Path(__file__).resolve().parent.parent / "bridge"
     setters = sorted(
         path.name
-        for path in root.glob("*.py")
+        for path in root.rglob("*.py")
         for line in path.read_text().splitlines()
         if re.search(r"replace_un_with_known_vr\s*=[^=]|replace_un_with_known_vr,", line)
     )
@@ -698,12 +699,12 @@ def test_pydicoms_un_setting_is_set_once_where_the_bridge_reads_with_pydicom() -
     explicit = str(bundled("CT_small.dcm"))
     script = (
         "import sys, pydicom\n"
-        "import bridge.preload\n"  # what the decoding processes' parent imports
+        "import bridge.decoding.preload\n"  # what the decoding processes' parent imports
         "assert pydicom.config.replace_un_with_known_vr is False\n"
         "pydicom.config.replace_un_with_known_vr = True\n"
-        "import bridge.implicit\n"
-        "del sys.modules['bridge.dicomfile']\n"  # as in a process that has not imported it
-        "bridge.implicit.to_implicit(open(sys.argv[1], 'rb').read())\n"
+        "import bridge.dicom.implicit\n"
+        "del sys.modules['bridge.dicom.dicomfile']\n"  # as in a process that has not imported it
+        "bridge.dicom.implicit.to_implicit(open(sys.argv[1], 'rb').read())\n"
         "assert pydicom.config.replace_un_with_known_vr is False\n"
     )
     done = subprocess.run(

@@ -17,10 +17,10 @@ import pytest
 from pydicom import uid
 from pydicom.encaps import generate_frames
 
-import bridge.codecs
-from bridge.codecs import PixelSpec, iter_decoded
+import bridge.dicom.codecs
+from bridge.dicom.codecs import PixelSpec, iter_decoded
+from bridge.dicom.verdicts import invalid_data
 from bridge.errors import DecodeError
-from bridge.verdicts import invalid_data
 from tests.transcode_support import bundled
 
 
@@ -45,7 +45,7 @@ def _frame_and_spec(name: str) -> tuple[bytes, str, PixelSpec]:
 def called(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The decoders iter_decoded calls, in order (GDCM is refused here, never run)."""
     names: list[str] = []
-    real = bridge.codecs._decode_one
+    real = bridge.dicom.codecs._decode_one
 
     def spy(name: str, *args: Any) -> Any:
         names.append(name)
@@ -53,7 +53,7 @@ def called(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise AssertionError("GDCM reached")
         return real(name, *args)
 
-    monkeypatch.setattr(bridge.codecs, "_decode_one", spy)
+    monkeypatch.setattr(bridge.dicom.codecs, "_decode_one", spy)
     return names
 
 
@@ -71,8 +71,10 @@ def test_no_decoder_is_tried_on_a_frame_charls_finds_invalid(called: list[str]) 
 def test_gdcm_is_not_tried_once_libjpeg_ran_out_of_data(
     monkeypatch: pytest.MonkeyPatch, called: list[str]
 ) -> None:
-    monkeypatch.setattr(bridge.codecs, "_available_chain", lambda syntax: ["pylibjpeg", "gdcm"])
-    monkeypatch.setattr(bridge.codecs, "_pydicom_plugin", _ran_out)
+    monkeypatch.setattr(
+        bridge.dicom.codecs, "_available_chain", lambda syntax: ["pylibjpeg", "gdcm"]
+    )
+    monkeypatch.setattr(bridge.dicom.codecs, "_pydicom_plugin", _ran_out)
     frame, syntax, spec = _frame_and_spec("SC_rgb_jpeg_gdcm.dcm")
     with pytest.raises(DecodeError) as info:
         list(iter_decoded([[memoryview(frame)]], syntax, spec))
@@ -91,7 +93,7 @@ def test_gdcm_still_decodes_the_valid_file_libjpeg_refuses() -> None:
     # libjpeg: -1038, "a misplaced marker segment" (its scan's Ss/Se), which is no verdict;
     # pydicom's GDCM plugin refuses 12 bits, the direct GDCM call decodes it.
     frame, syntax, spec = _frame_and_spec("JPEG-lossy.dcm")
-    assert bridge.codecs._available_chain(syntax) == ["pylibjpeg", "gdcm", "gdcm-direct"]
+    assert bridge.dicom.codecs._available_chain(syntax) == ["pylibjpeg", "gdcm", "gdcm-direct"]
     (decoded,) = iter_decoded([[memoryview(frame)]], syntax, spec)
     assert decoded.pixels.nbytes == spec.frame_bytes
 
@@ -101,7 +103,9 @@ def test_a_decoder_that_lacks_a_feature_hands_over_to_the_next(
 ) -> None:
     # Without pylibjpeg, 12-bit JPEG goes to pydicom's GDCM plugin, which refuses 12 bits,
     # then to the direct GDCM call, which decodes it.
-    monkeypatch.setattr(bridge.codecs, "_available_chain", lambda syntax: ["gdcm", "gdcm-direct"])
+    monkeypatch.setattr(
+        bridge.dicom.codecs, "_available_chain", lambda syntax: ["gdcm", "gdcm-direct"]
+    )
     frame, syntax, spec = _frame_and_spec("JPGExtended.dcm")
     assert syntax == uid.JPEGExtended12Bit
     (decoded,) = iter_decoded([[memoryview(frame)]], syntax, spec)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bridge.zygote import Zygote
+from bridge.decoding.zygote import Zygote
 from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,7 +53,10 @@ def _read_all(fd: int) -> str:
 
 def _in_a_new_interpreter(body: str) -> None:
     """Run `body` in a new interpreter, which has no thread: there the parent is forked."""
-    script = "import socket, threading, tests.test_zygote as t\nfrom bridge.zygote import Zygote\n"
+    script = (
+        "import socket, threading, tests.test_zygote as t\n"
+        "from bridge.decoding.zygote import Zygote\n"
+    )
     subprocess.run([sys.executable, "-c", script + body], check=True, cwd=REPO, timeout=60)
 
 
@@ -110,7 +113,7 @@ def test_the_parent_ends_with_its_caller_and_its_workers_with_their_pipes() -> N
     # The caller is SIGKILLed: nothing of it may stay behind.
     script = (
         "import os, sys, tests.test_zygote as t\n"
-        "from bridge.zygote import Zygote\n"
+        "from bridge.decoding.zygote import Zygote\n"
         "z = Zygote(t.PRELOAD)\n"
         "read, write = os.pipe()\n"
         "child = z.fork(t.wait_for_eof, [read])\n"
@@ -149,7 +152,7 @@ def test_the_parent_keeps_none_of_the_callers_files() -> None:
 
 
 def test_a_dead_parent_is_started_again() -> None:
-    from bridge import zygote
+    from bridge.decoding import zygote
 
     first = zygote.start()
     os.kill(first.pid, signal.SIGKILL)
@@ -175,7 +178,7 @@ def test_the_command_forks_the_parent_rather_than_starting_an_interpreter() -> N
     _in_a_new_interpreter(
         "import bridge.__main__, contextlib, io, sys\n"
         "sys.argv = ['orthanc-bridge', 'catch-up', '-c', '/nonexistent/bridge.yaml']\n"
-        "from bridge import zygote\n"
+        "from bridge.decoding import zygote\n"
         "with contextlib.redirect_stderr(io.StringIO()):\n"
         "    assert bridge.__main__.main() == 2\n"
         "assert zygote.start().forked\n"
