@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +182,12 @@ def run_measured(
     target: OrthancServer,
     *args: str,
     timeout: float = 120,
+    preexec: Callable[[], None] | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Like `run`, also returning the peak RSS of the bridge and its workers, in bytes."""
+    """Like `run`, also returning the peak RSS of the bridge and its workers, in bytes.
+
+    `preexec` runs in the new process before the bridge starts (tests/tree_memory.py).
+    """
     argv = [sys.executable, "-m", "bridge", command, "-c", str(config), *args]
     process = subprocess.Popen(
         argv,
@@ -192,6 +197,7 @@ def run_measured(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, which PeakRss follows
+        preexec_fn=preexec,
     )
     monitor = PeakRss(process.pid)
     try:

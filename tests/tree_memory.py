@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,31 +29,25 @@ from tests.orthanc import OrthancServer
 from tests.polling import wait_for
 
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
-# (the file that holds the peak, the group's processes) per cgroup version.
+# The file that holds a group's high-water mark, per cgroup version.
 _PEAK = {"v1": "memory.max_usage_in_bytes", "v2": "memory.peak"}
 _numbers = itertools.count()
 
 
-def _own_memory_group() -> tuple[str, Path] | None:
-    """This process's memory cgroup directory and its version, or None without one."""
+def _own_groups() -> list[tuple[str, Path]]:
+    """This process's cgroup directories that may hold a memory controller, with versions."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
     except OSError:
-        return None
+        return []
+    groups = []
     for line in lines:
         number, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
-            directory = _CGROUP_ROOT / "memory" / path.lstrip("/")
-            if (directory / _PEAK["v1"]).exists():
-                return "v1", directory
-        if number == "0" and controllers == "":
-            directory = _CGROUP_ROOT / path.lstrip("/")
-            # v2's controller must be enabled for children; its peak file says so.
-            if (directory / "cgroup.subtree_control").exists() and "memory" in (
-                directory / "cgroup.subtree_control"
-            ).read_text().split():
-                return "v2", directory
-    return None
+            groups.append(("v1", _CGROUP_ROOT / "memory" / path.lstrip("/")))
+        elif number == "0" and (_CGROUP_ROOT / "cgroup.controllers").exists():  # v2 alone
+            groups.append(("v2", _CGROUP_ROOT / path.lstrip("/")))
+    return groups
 
 
 class TreeMemory:
@@ -68,16 +60,17 @@ class TreeMemory:
     @classmethod
     def create(cls) -> TreeMemory | None:
         """A new, empty group under this process's own; None where none can be made."""
-        found = _own_memory_group()
-        if found is None:
-            return None
-        version, parent = found
-        directory = parent / f"orthanc-bridge-measure-{os.getpid()}-{next(_numbers)}"
-        try:
-            directory.mkdir()
-        except OSError:  # not root, or a read-only cgroup file system
-            return None
-        return cls(version, directory)
+        name = f"orthanc-bridge-measure-{os.getpid()}-{next(_numbers)}"
+        for version, parent in _own_groups():
+            directory = parent / name
+            try:
+                directory.mkdir()
+            except OSError:  # not root, a read-only cgroup file system, no such hierarchy
+                continue
+            if (directory / _PEAK[version]).exists():
+                return cls(version, directory)
+            directory.rmdir()  # no memory controller there
+        return None
 
     def join(self) -> None:
         """Move the calling process into the group (a `preexec_fn`: runs in the child before
@@ -86,21 +79,20 @@ class TreeMemory:
 
     def peak(self) -> int:
         """The group's high-water mark in bytes, read once its processes have all ended."""
-        wait_for(
-            lambda: not (self.directory / "cgroup.procs").read_text().strip(),
-            30,
-            "the measured processes to end",
-        )
+        self._wait_until_empty()
         return int((self.directory / _PEAK[self.version]).read_text())
 
     def remove(self) -> None:
         """Remove the group (its remaining charges, page cache, go to the parent)."""
+        self._wait_until_empty()
+        self.directory.rmdir()
+
+    def _wait_until_empty(self) -> None:
         wait_for(
             lambda: not (self.directory / "cgroup.procs").read_text().strip(),
             30,
             "the measured processes to end",
         )
-        self.directory.rmdir()
 
 
 @dataclass(frozen=True)
@@ -121,32 +113,19 @@ def run_measured(
     timeout: float = 120,
 ) -> Measured:
     """Run one bridge command to completion in a memory cgroup of its own, measured."""
-    argv = [sys.executable, "-m", "bridge", command, "-c", str(config), *args]
     group = TreeMemory.create()
-    process = subprocess.Popen(
-        argv,
-        cwd=bridgectl.REPO,
-        env=bridgectl.env(source, target),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, which PeakRss follows
-        preexec_fn=group.join if group else None,  # before exec: all it allocates is charged
-    )
-    monitor = bridgectl.PeakRss(process.pid)
     try:
-        stdout, stderr = process.communicate(timeout=timeout)
+        done, summed = bridgectl.run_measured(
+            command,
+            config,
+            source,
+            target,
+            *args,
+            timeout=timeout,
+            # Before exec: all the bridge allocates is charged to the group.
+            preexec=group.join if group else None,
+        )
+        return Measured(done, group.peak() if group else None, summed)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        summed = monitor.stop()
-        tree = None
         if group is not None:
-            try:
-                tree = group.peak()
-            finally:
-                group.remove()
-    return Measured(
-        subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), tree, summed
-    )
+            group.remove()
