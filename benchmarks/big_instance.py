@@ -6,7 +6,9 @@ The instance: `frames` frames of size x size 12-bit noise, JPEG 2000 lossless (o
 repeated: encoding is the slow part). Measured in one run:
 
   serial   OpenJPEG (pylibjpeg-openjpeg) decoding the frames one after the other in this
-           process, one core: the floor the issue compares with
+           process, one core: the floor the issue compares with; half of the frames just before
+           the catch-up and half just after it, so that the drift of a shared machine's speed
+           (10-20% from one minute to the next here) weighs on both alike
   catch-up `python -m bridge catch-up` between two real Orthancs, from its start to its exit
            (start-up, download, decoding, upload and verification), with the peak memory of its
            process tree
@@ -62,10 +64,6 @@ def main() -> None:
     serial, catch_up, trees, sums = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            started = time.perf_counter()
-            for _ in range(args.frames):
-                decode(frame)
-            serial.append(time.perf_counter() - started)
             work = Path(tmp) / f"round{round_}"
             work.mkdir()
             pair = OrthancPair.create(work)
@@ -80,9 +78,11 @@ def main() -> None:
                     )
                 )
                 config = bridgectl.write_config(work, pair.source, pair.target, http_listen="")
+                before = _serial(frame, args.frames // 2)
                 started = time.perf_counter()
                 measured = run_measured("catch-up", config, pair.source, pair.target, timeout=600)
                 catch_up.append(time.perf_counter() - started)
+                serial.append(before + _serial(frame, args.frames - args.frames // 2))
                 done = measured.done
                 trees.append(measured.tree or 0)
                 sums.append(measured.summed)
@@ -102,6 +102,14 @@ def main() -> None:
         f"{_peak(statistics.median(trees), decoded_mib)} tree, "
         f"{_peak(statistics.median(sums), decoded_mib)} summed"
     )
+
+
+def _serial(frame: bytes, count: int) -> float:
+    """Seconds for OpenJPEG to decode `frame` `count` times, one after the other."""
+    started = time.perf_counter()
+    for _ in range(count):
+        decode(frame)
+    return time.perf_counter() - started
 
 
 def _peak(peak: float, decoded_mib: float) -> str:
