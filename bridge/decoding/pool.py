@@ -337,7 +337,11 @@ class _Worker:
             if output is None:
                 data = _read_exactly(self._outbox.fileno(), length)
             else:  # in the output's memory file, or the file itself when passed on unchanged
-                data = sent if forwarded else memfile.view_of(output, length, writable=False)
+                data = (
+                    sent
+                    if forwarded
+                    else memfile.view_of(output, length, writable=False, owned=True)
+                )
         except (EOFError, OSError):
             # OSError also when close() shut the pipe under us at shutdown.
             if stop.is_set():
