@@ -6,11 +6,17 @@ carries them between processes, and the engines (here and on Dask workers) read 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 # A worker notes each decoder call in its stderr before making it (see bridge.dicom.codecs), so
 # that a crash can be pinned on the decoder and frame that caused it.
 DECODER_STEP = "orthanc-bridge decoding step:"
+
+
+# Where a decoding process writes an output of the given length: a writable buffer of it
+# (a memory file's view, bridge.memfile), instead of a new bytearray.
+Output = Callable[[int], memoryview]
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class TranscodeOptions:
 class Transcoded:
     """The result of transcoding one instance."""
 
-    data: bytes | bytearray  # a complete DICOM Part-10 file
+    data: bytes | bytearray | memoryview  # a complete DICOM Part-10 file (or a memory file's)
     source_syntax: str  # transfer syntax UID of the input
     sop_instance_uid: str
     forwarded: bool  # True when `data` is the input unchanged (already EVRLE, or forward_unchanged)

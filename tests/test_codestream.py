@@ -143,7 +143,7 @@ def test_a_frame_that_disagrees_with_its_header_is_refused_before_decoding(case:
     assert "frame 0: " in str(info.value)
 
 
-def _pixels(data: bytes | bytearray) -> bytes:
+def _pixels(data: bytes | bytearray | memoryview) -> bytes:
     return bytes(pydicom.dcmread(io.BytesIO(bytes(data))).PixelData)
 
 

@@ -427,7 +427,9 @@ class _Recording(DicomWebClient):
         self.batches: list[list[bytes]] = []
         self.release = threading.Event()
 
-    def store_batch(self, instances: Sequence[bytes | bytearray]) -> list[StoreOutcome]:
+    def store_batch(
+        self, instances: Sequence[bytes | bytearray | memoryview]
+    ) -> list[StoreOutcome]:
         batch = [bytes(data) for data in instances]
         self.batches.append(batch)
         if len(self.batches) == 1:

@@ -143,7 +143,7 @@ def test_a_decoded_copy_is_counted_before_it_is_decoded() -> None:
     budget = ByteBudget(10**9, stop)
     held_while_decoding: list[int] = []
 
-    def decode(data: bytes) -> Transcoded:
+    def decode(data: bytes | memoryview) -> Transcoded:
         held_while_decoding.append(budget.used)
         return Transcoded(b"d" * 1000, "1.2.840.10008.1.2.4.90", "1.2.3", forwarded=False)
 

@@ -41,7 +41,7 @@ def bundled(name: str) -> Path:
     return Path(str(path))
 
 
-def read(data: bytes | bytearray) -> pydicom.Dataset:
+def read(data: bytes | bytearray | memoryview) -> pydicom.Dataset:
     """Parse a Part-10 file held in memory."""
     return pydicom.dcmread(BytesIO(bytes(data)))
 

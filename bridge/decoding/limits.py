@@ -38,7 +38,7 @@ TIMEOUT_UNIT = 100 * MIB
 TIME_FLOOR_WORK = 8 * MIB
 
 
-def memory_allowance(data: bytes | bytearray, max_decoded_bytes: int) -> int:
+def memory_allowance(data: bytes | bytearray | memoryview, max_decoded_bytes: int) -> int:
     """Bytes of address space an instance may add to its decoding process."""
     size = image_size(data)
     if size is None:  # unreadable header: as much as the largest instance allowed
@@ -53,7 +53,9 @@ def memory_allowance(data: bytes | bytearray, max_decoded_bytes: int) -> int:
     return HEADROOM + 2 * len(data) + 2 * total + FRAME_COPIES * frame * max(1, at_once)
 
 
-def time_allowance(data: bytes | bytearray, decode_timeout: float, max_decoded_bytes: int) -> float:
+def time_allowance(
+    data: bytes | bytearray | memoryview, decode_timeout: float, max_decoded_bytes: int
+) -> float:
     """Seconds a decoding process may spend on an instance: `decode_timeout` per 100 MiB of
     declared decoded pixels plus file, counted as at least 8 MiB."""
     size = image_size(data)

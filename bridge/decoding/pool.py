@@ -8,7 +8,10 @@ a hundred MB it does not need); only the zygote (bridge.decoding.zygote) and its
 Each worker owns a pair of pipes and decodes one instance at a time, with the next one already
 waiting in its pipe. The files cross the pipes as raw bytes, never pickled (a decoded one is read
 straight into its buffer after a small header that gives its length), and a transfer thread
-talks to the worker it borrowed directly: no executor thread, no call queue. A worker that dies
+talks to the worker it borrowed directly: no executor thread, no call queue. A big file that the
+bridge holds in a memory file (bridge.memfile) does not cross the pipe: its descriptor goes to
+the worker on a socket of its own, with an empty memory file into which the worker writes the
+output, and the pipe carries an empty message in its place. A worker that dies
 (a decoder crash, the kernel's OOM killer) costs only its own instance a second attempt in a new
 process; the other workers and their instances carry on, where a broken process pool would have
 failed them all.
@@ -18,21 +21,23 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
-from bridge import metrics
+from bridge import memfile, metrics
 from bridge.decoding import zygote
 from bridge.decoding.limits import address_space_limited, memory_allowance, time_allowance
 from bridge.errors import PROCESS_EXITS, DecodeError, Interrupted, one_line
-from bridge.jobs import DECODER_STEP, Transcoded, TranscodeOptions
+from bridge.jobs import DECODER_STEP, Output, Transcoded, TranscodeOptions
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +79,11 @@ class _WorkerDied(Exception):
 # --- inside a worker process -------------------------------------------------------------------
 
 
-def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOptions) -> None:
-    """A worker's whole life: decode every file that arrives in `inbox` until it closes."""
+def _serve(
+    inbox_fd: int, outbox_fd: int, stderr_fd: int, files_fd: int, options: TranscodeOptions
+) -> None:
+    """A worker's whole life: decode every file that arrives in `inbox` (or, for an empty
+    message there, in the memory file that `files` brings) until it closes."""
     # Ctrl-C and a supervisor's SIGTERM may reach the whole process group; only the bridge
     # decides how to stop (see bridge.decoding.zygote, which ignores them already when it forks us).
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
@@ -86,7 +94,7 @@ def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOpti
     os.close(stderr_fd)
     # Imported here, not at the top: the zygote preloads it for the workers, and the main
     # process, which only names this function, never loads it.
-    convert: Callable[[bytes, TranscodeOptions], Transcoded]
+    convert: Callable[[bytes | memoryview, TranscodeOptions, Output | None], Transcoded]
     try:
         from bridge.dicom import frames
         from bridge.dicom.codecs import note_decoder_calls
@@ -99,17 +107,24 @@ def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOpti
 
     inbox = Connection(inbox_fd, writable=False)
     outbox = Connection(outbox_fd, readable=False)
+    files = socket.socket(fileno=files_fd)
 
     while True:
+        data: bytes | memoryview
         try:
             data = inbox.recv_bytes()
+            # The output's memory file, when the file came in one: it is written there.
+            into = _receive_files(files) if not data and memfile.SUPPORTED else None
         except (EOFError, OSError):
             return  # the bridge closed the pipe or is gone
-        output: bytes | bytearray = b""
+        output: bytes | bytearray | memoryview = b""
         _forget_stderr()  # only the current instance's is of interest
         try:
+            if into is not None:
+                data = memfile.view_of(into[0], os.fstat(into[0]).st_size, writable=False)
+            place = None if into is None else functools.partial(memfile.output, into[1])
             with address_space_limited(memory_allowance(data, options.max_decoded_bytes)):
-                result = convert(data, options)
+                result = convert(data, options, place)
             output = result.data
             header = pickle.dumps((True, (*_header(result), len(output))))
             del result
@@ -119,12 +134,25 @@ def _serve(inbox_fd: int, outbox_fd: int, stderr_fd: int, options: TranscodeOpti
             header = _pickle_error(exc)
         finally:
             del data
+            for fd in into or ():  # the views keep what they need
+                os.close(fd)
         try:
             outbox.send_bytes(header)
-            _write_all(outbox.fileno(), output)
+            if into is None:
+                _write_all(outbox.fileno(), output)
         except OSError:
             return  # the bridge died or gave this instance up while it was being decoded
         del output
+
+
+def _receive_files(files: socket.socket) -> tuple[int, int]:
+    """The descriptors of a file's memory file and of the empty one for its output."""
+    _, fds, _, _ = socket.recv_fds(files, 16, 2)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        raise EOFError("the bridge sent no memory files")
+    return fds[0], fds[1]
 
 
 def _forget_stderr() -> None:
@@ -134,14 +162,18 @@ def _forget_stderr() -> None:
         os.lseek(2, 0, os.SEEK_SET)
 
 
-def _failing(reason: str) -> Callable[[bytes, TranscodeOptions], Transcoded]:
-    def convert(data: bytes, options: TranscodeOptions) -> Transcoded:
+def _failing(
+    reason: str,
+) -> Callable[[bytes | memoryview, TranscodeOptions, Output | None], Transcoded]:
+    def convert(
+        data: bytes | memoryview, options: TranscodeOptions, output: Output | None
+    ) -> Transcoded:
         raise DecodeError(reason)
 
     return convert
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """Write the output file as raw bytes after its header, which gives its length."""
     # Not send_bytes: its reader collects the bytes in a BytesIO, an extra copy of every
     # output, page-faulted in afresh each time (half the main process's time on the pipes).
@@ -188,14 +220,19 @@ class _Worker:
             _widen(fd)
         self._inbox = Connection(to_worker, readable=False)
         self._outbox = Connection(from_worker, writable=False)
+        # Memory files' descriptors go on a socket of their own, in the pipe's order.
+        self._files, files = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._stderr = _memory_file()  # the worker's stderr, which it empties per instance
         self.last_words = ""  # what it had written when it ended
         try:
             # Returns at once: instances can queue in the pipes while the worker is forked.
-            self.process = zygote.fork(_serve, [worker_in, worker_out, self._stderr], options)
+            self.process = zygote.fork(
+                _serve, [worker_in, worker_out, self._stderr, files.fileno()], options
+            )
         finally:
             os.close(worker_in)
             os.close(worker_out)
+            files.close()
         self._send_lock = threading.Lock()
         self._turn = threading.Condition()
         self._sent = self._answered = 0
@@ -206,15 +243,34 @@ class _Worker:
         self._killed = False
         self._kill_lock = threading.Lock()
 
-    def transcode(self, data: bytes, stop: threading.Event, seconds: float) -> Transcoded:
+    def transcode(
+        self, data: bytes | memoryview, stop: threading.Event, seconds: float
+    ) -> Transcoded:
         """Decode `data`; _TimedOut once the worker has spent `seconds` on it."""
+        # A memory file's view crosses as its descriptor, with an empty memory file for the
+        # output; so does an empty file, whose empty message on the pipe would say the same.
+        files = memfile.SUPPORTED and (not data or memfile.descriptor(data) is not None)
+        output = memfile.create("output") if files else None
+        try:
+            return self._transcode(data, output, stop, seconds)
+        finally:
+            if output is not None:
+                os.close(output)  # the result's view, if any, keeps its own
+
+    def _transcode(
+        self, data: bytes | memoryview, output: int | None, stop: threading.Event, seconds: float
+    ) -> Transcoded:
         try:
             with self._send_lock:
                 if self.broken:
                     raise _WorkerDied(culprit=False)
                 ticket = self._sent
                 self._sent += 1
-                self._inbox.send_bytes(data)
+                if output is None:
+                    self._inbox.send_bytes(data)
+                else:
+                    self._send_files(data, output)
+                    self._inbox.send_bytes(b"")
                 sent = time.monotonic()
         except OSError:
             self._break()
@@ -231,7 +287,7 @@ class _Worker:
                     self._turn.wait(_POLL_SECONDS)
                 # The worker took this instance up when it had answered the one before.
                 deadline = max(sent, self._answered_at) + seconds
-            return self._answer(stop, deadline, seconds)
+            return self._answer(stop, deadline, seconds, data, output)
         except (_WorkerDied, Interrupted, _TimedOut) as exc:
             # An answer left unread would go to the next caller: this worker is done for.
             self._break()
@@ -247,7 +303,26 @@ class _Worker:
                 self._answered_at = time.monotonic()
                 self._turn.notify_all()
 
-    def _answer(self, stop: threading.Event, deadline: float, seconds: float) -> Transcoded:
+    def _send_files(self, data: bytes | memoryview, output: int) -> None:
+        """The descriptors of `data`'s memory file (a new one when it is empty) and `output`."""
+        source = memfile.descriptor(data)
+        empty = source is None
+        if source is None:
+            source = memfile.create("empty")
+        try:
+            socket.send_fds(self._files, [b"f"], [source, output])
+        finally:
+            if empty:
+                os.close(source)  # the message carries its own
+
+    def _answer(
+        self,
+        stop: threading.Event,
+        deadline: float,
+        seconds: float,
+        sent: bytes | memoryview,
+        output: int | None,
+    ) -> Transcoded:
         try:
             while not self._outbox.poll(_POLL_SECONDS):
                 if stop.is_set():
@@ -258,7 +333,15 @@ class _Worker:
             if not ok:
                 raise payload
             source_syntax, sop_instance_uid, forwarded, length = payload
-            data = _read_exactly(self._outbox.fileno(), length)
+            data: bytes | bytearray | memoryview
+            if output is None:
+                data = _read_exactly(self._outbox.fileno(), length)
+            else:  # in the output's memory file, or the file itself when passed on unchanged
+                data = (
+                    sent
+                    if forwarded
+                    else memfile.view_of(output, length, writable=False, owned=True)
+                )
         except (EOFError, OSError):
             # OSError also when close() shut the pipe under us at shutdown.
             if stop.is_set():
@@ -281,6 +364,7 @@ class _Worker:
             self._killed = True
             for conn in (self._inbox, self._outbox):
                 conn.close()
+            self._files.close()
             self.process.kill()
             self.process.join(timeout=5)
             self.process.close()
@@ -361,7 +445,7 @@ class DecoderPool:
         # feed's first page is being read, not on the first instance.
         self._load = {_Worker(options): 0 for _ in range(workers)}
 
-    def decode(self, data: bytes) -> Transcoded:
+    def decode(self, data: bytes | memoryview) -> Transcoded:
         """Transcode in a worker process; if it dies while on this instance, try once more.
 
         A worker that spends longer than the instance's time allowance on it is replaced, and

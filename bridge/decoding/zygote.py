@@ -16,6 +16,7 @@ way). The parent ends when the bridge closes its socket or dies; a worker, when 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import pickle
 import select
@@ -230,6 +231,12 @@ def _serve(requests: socket.socket, preload: str) -> None:
     # they end when the bridge closes their pipes, or by its SIGKILL.
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop_signal, signal.SIG_IGN)
+    # A fault handler the bridge's caller enabled (pytest does, on a copy of its stderr)
+    # writes to a descriptor closed when this parent was forked, whose number a worker's pipe
+    # may take: a crash would write its traceback there, into the answer the bridge reads.
+    # Pointed at stderr, which is the worker's own (bridge.decoding reads it after a crash).
+    if faulthandler.is_enabled():
+        faulthandler.enable(sys.stderr)
     # numpy's OpenBLAS starts a spinning thread per core at import, and again in every forked
     # worker: CPU taken from decoding for nothing, since no BLAS routine is ever called and
     # the parallelism is the processes'. (0.15 s of CPU per import; the user's setting wins.)

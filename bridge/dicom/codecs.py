@@ -10,7 +10,7 @@ import itertools
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,7 @@ class DecodedFrame:
 
     pixels: np.ndarray[Any, Any]
     photometric_interpretation: str
+    placed: bool = False  # decoded straight into its place in the output (iter_decoded)
 
 
 _noted_fd: int | None = None
@@ -259,12 +260,17 @@ def _offsets_fit(offsets: list[int], starts: set[int], number_of_frames: int) ->
 
 
 def iter_decoded(
-    frames: list[list[memoryview]], transfer_syntax: str, spec: PixelSpec
-) -> Iterator[DecodedFrame]:
+    frames: list[list[memoryview]],
+    transfer_syntax: str,
+    spec: PixelSpec,
+    place: Callable[[int], memoryview | None] | None = None,
+) -> Generator[DecodedFrame, None, None]:
     """Yield each frame decoded, trying the decoder chain until one gives the right size.
 
     The frames of a multi-frame JPEG 2000 instance are decoded by several threads at once
-    where the result is the chain's (bridge.dicom.frames); the others, one by one by the chain.
+    where the result is the chain's (bridge.dicom.frames), each straight into its place in
+    the output when `place(index)` gives one (then `placed`); the others, one by one by the
+    chain.
     """
     chain = _available_chain(transfer_syntax)
     if not chain:
@@ -282,8 +288,16 @@ def iter_decoded(
     dtype = np.dtype(f"<{'ui'[spec.pixel_representation]}{spec.bits_allocated // 8}")
     shape = (spec.rows, spec.columns)
 
-    def run(encoded: bytes) -> np.ndarray[Any, Any] | None:
-        return threaded_frames.decode(encoded, transfer_syntax, shape, dtype, spec.bits_stored)
+    placed: set[int] = set()  # the frames decoded in their place
+
+    def run(index: int, encoded: bytes) -> np.ndarray[Any, Any] | None:
+        into = place(index) if place else None
+        pixels = threaded_frames.decode(
+            encoded, transfer_syntax, shape, dtype, spec.bits_stored, into
+        )
+        if pixels is not None and into is not None:
+            placed.add(index)
+        return pixels
 
     if _noted_fd is not None:
         os.write(_noted_fd, f"{DECODER_STEP} imagecodecs on frames 0-{len(frames) - 1}\n".encode())
@@ -291,7 +305,7 @@ def iter_decoded(
         if pixels is None:
             yield _by_chain(index, encoded, transfer_syntax, spec, chain)
         else:
-            yield DecodedFrame(pixels, spec.photometric_interpretation)
+            yield DecodedFrame(pixels, spec.photometric_interpretation, index in placed)
 
 
 def _checked(

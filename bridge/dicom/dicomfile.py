@@ -6,6 +6,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from typing import BinaryIO, cast
 
 import numpy as np
 import pydicom.config
@@ -103,7 +104,9 @@ def transfer_syntax_of(meta: FileMetaDataset) -> UID:
     return UID(str(meta.TransferSyntaxUID).strip("\0 "))
 
 
-def parse(data: bytes, meta: FileMetaDataset, start: int, inflate_limit: int) -> Parsed:
+def parse(
+    data: bytes | memoryview, meta: FileMetaDataset, start: int, inflate_limit: int
+) -> Parsed:
     """Parse the dataset of `data` around its Pixel Data without copying the pixel data.
 
     A deflated dataset is inflated up to `inflate_limit` bytes, no further.
@@ -117,7 +120,8 @@ def parse(data: bytes, meta: FileMetaDataset, start: int, inflate_limit: int) ->
     buf = memoryview(source)
     implicit = _detect_vr_encoding(buf, start, implicit, little)
     # BytesIO over a bytes object shares its buffer: no copy of the (large) input is made.
-    fp = BytesIO(source)
+    # It would copy any other buffer (a memory file's mapping): that is read where it is.
+    fp = BytesIO(source) if isinstance(source, bytes) else cast(BinaryIO, _ViewReader(buf))
     fp.seek(start)
     dataset = read_dataset(fp, implicit, little, stop_when=_stop_at_pixel_data)
     pos = fp.tell()
@@ -164,6 +168,28 @@ def parse(data: bytes, meta: FileMetaDataset, start: int, inflate_limit: int) ->
         encapsulated,
         verbatim,
     )
+
+
+class _ViewReader:
+    """The reading side of a file over a buffer, which it never copies whole (pydicom reads a
+    dataset through read, seek and tell)."""
+
+    def __init__(self, buf: memoryview) -> None:
+        self._buf = buf
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        end = len(self._buf) if size < 0 else min(len(self._buf), self._pos + size)
+        data = self._buf[self._pos : end].tobytes()
+        self._pos = max(self._pos, end)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos + (0, self._pos, len(self._buf))[whence])
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 def inflate(deflated: memoryview, limit: int) -> bytes:
@@ -237,7 +263,7 @@ def swapped(value: bytes, width: int) -> bytes:
     return arr.tobytes() + value[whole:]
 
 
-def swap_in_place(buf: bytearray, offset: int, length: int, width: int) -> None:
+def swap_in_place(buf: bytearray | memoryview, offset: int, length: int, width: int) -> None:
     """Reverse every `width`-byte word of buf[offset:offset+length] without another copy."""
     if width <= 1:
         return

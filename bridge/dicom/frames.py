@@ -62,25 +62,32 @@ def wanted(frame_count: int, transfer_syntax: str, samples: int, bits_allocated:
 
 
 def decode(
-    encoded: bytes, transfer_syntax: str, shape: tuple[int, int], dtype: np.dtype[Any], bits: int
+    encoded: bytes,
+    transfer_syntax: str,
+    shape: tuple[int, int],
+    dtype: np.dtype[Any],
+    bits: int,
+    into: memoryview | None = None,
 ) -> np.ndarray[Any, Any] | None:
     """One frame decoded, or None when this path may not give the chain's exact result.
 
     `bits` is BitsStored, `dtype` the frame's sample type (its sign is PixelRepresentation).
-    Runs in a worker thread; releases the GIL while OpenJPEG decodes.
+    With `into` (the frame's place in the output) the frame is decoded there, and that place
+    returned. Runs in a worker thread; releases the GIL while OpenJPEG decodes.
     """
     if not _fits(encoded, transfer_syntax, bits, dtype):
         return None
     decoder = _decoder()
     if decoder is None:
         return None
+    out = None if into is None else np.frombuffer(into, dtype).reshape(shape)
     try:
-        pixels = decoder(encoded, numthreads=1)
+        pixels = decoder(encoded, numthreads=1, out=out)
     except Exception:  # the chain decides, and words the reason, as for any other frame
         return None
     if pixels.shape != shape or pixels.dtype != dtype:
         return None
-    return np.ascontiguousarray(pixels)
+    return pixels if out is not None else np.ascontiguousarray(pixels)
 
 
 def _fits(encoded: bytes, transfer_syntax: str, bits: int, dtype: np.dtype[Any]) -> bool:
@@ -94,6 +101,9 @@ def _fits(encoded: bytes, transfer_syntax: str, bits: int, dtype: np.dtype[Any])
         components == 1
         and precision == bits
         and signed == (dtype.kind == "i")
+        # The type OpenJPEG's precision decodes to: decoded into a place of another type,
+        # the samples would be cast where the chain decides.
+        and dtype.itemsize == (1 if precision <= 8 else 2)
         and lossy_method(transfer_syntax, encoded) is None
     )
 
@@ -119,23 +129,32 @@ def start() -> None:
 
 
 def ordered(
-    jobs: Iterator[tuple[int, bytes]], run: Callable[[bytes], np.ndarray[Any, Any] | None]
+    jobs: Iterator[tuple[int, bytes]], run: Callable[[int, bytes], np.ndarray[Any, Any] | None]
 ) -> Iterator[tuple[int, bytes, np.ndarray[Any, Any] | None]]:
-    """(index, encoded, run(encoded)) for each job, in order, with `threads() + 1` in flight:
-    memory holds that many frames, not the instance."""
+    """(index, encoded, run(index, encoded)) for each job, in order, with `threads() + 1` in
+    flight: memory holds that many frames, not the instance.
+
+    Left early (a frame failed, the instance with it), it waits for the frames still being
+    decoded: they may be writing into the output, which must outlive them.
+    """
     pending: collections.deque[tuple[int, bytes, Future[np.ndarray[Any, Any] | None]]] = (
         collections.deque()
     )
-    for index, encoded in jobs:
-        try:
-            future = _threads_pool().submit(run, encoded)
-        except RuntimeError:  # no thread can start (an address-space limit): the chain decides
-            future = Future()
-            future.set_result(None)
-        pending.append((index, encoded, future))
-        if len(pending) > threads():
+    try:
+        for index, encoded in jobs:
+            try:
+                future = _threads_pool().submit(run, index, encoded)
+            except RuntimeError:  # no thread can start (an address-space limit): the chain decides
+                future = Future()
+                future.set_result(None)
+            pending.append((index, encoded, future))
+            if len(pending) > threads():
+                done_index, done_encoded, done = pending.popleft()
+                yield done_index, done_encoded, done.result()
+        while pending:
             done_index, done_encoded, done = pending.popleft()
             yield done_index, done_encoded, done.result()
-    while pending:
-        done_index, done_encoded, done = pending.popleft()
-        yield done_index, done_encoded, done.result()
+    finally:
+        for _, _, left in pending:
+            if not left.cancel():
+                left.exception()  # waits; its frame is not needed any more

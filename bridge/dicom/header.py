@@ -65,7 +65,7 @@ class ImageSize:
     total_bytes: int  # every frame, bit-packed when 1-bit
 
 
-def decoded_size(data: bytes | bytearray, limit: int | None = None) -> int | None:
+def decoded_size(data: bytes | bytearray | memoryview, limit: int | None = None) -> int | None:
     """The native size of the pixel data the header declares, at most `limit`; None when the
     header cannot tell or declares an impossible image (never negative)."""
     size = image_size(data)
@@ -74,7 +74,7 @@ def decoded_size(data: bytes | bytearray, limit: int | None = None) -> int | Non
     return size.total_bytes if limit is None else min(size.total_bytes, limit)
 
 
-def image_size(data: bytes | bytearray) -> ImageSize | None:
+def image_size(data: bytes | bytearray | memoryview) -> ImageSize | None:
     """Frame and total sizes of the pixel data the header declares, or None when it cannot
     tell or the values are impossible (a zero or negative count, BitsAllocated 0)."""
     try:
@@ -96,7 +96,7 @@ def image_size(data: bytes | bytearray) -> ImageSize | None:
     return ImageSize(frame, frame * frames)
 
 
-def transfer_syntax(data: bytes | bytearray) -> str | None:
+def transfer_syntax(data: bytes | bytearray | memoryview) -> str | None:
     """The transfer syntax UID the file meta declares, or None when it cannot be read.
 
     For the ledger, logs and metrics of an instance that fails before a decoder names it.
@@ -118,7 +118,7 @@ class Identifiers:
     sop_class: str  # "" when the file lacks it
 
 
-def identifiers(data: bytes | bytearray) -> Identifiers | None:
+def identifiers(data: bytes | bytearray | memoryview) -> Identifiers | None:
     """The study, series, SOP instance and SOP class UIDs of a DICOM file; None when they
     cannot be read or the study, series or SOP instance UID is missing."""
     try:
@@ -144,7 +144,7 @@ class MetaUIDs:
     transfer_syntax: str
 
 
-def meta_uids(data: bytes | bytearray) -> MetaUIDs | None:
+def meta_uids(data: bytes | bytearray | memoryview) -> MetaUIDs | None:
     """The SOP class, SOP instance and transfer syntax UIDs of the file meta, or None when it
     cannot be read or lacks one of them."""
     try:

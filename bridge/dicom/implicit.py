@@ -33,7 +33,7 @@ class _Unusual(Exception):
     """Something the byte walker leaves to pydicom."""
 
 
-def to_implicit(data: bytes | bytearray) -> bytes:
+def to_implicit(data: bytes | bytearray | memoryview) -> bytes:
     """The Part-10 file `data` (native, little endian) rewritten in Implicit VR Little Endian."""
     # pydicom only now: the main process never loads it unless a target asks for this.
     from bridge.dicom.dicomfile import read_meta
@@ -150,7 +150,7 @@ def _undefined_item(buf: memoryview, pos: int, out: list[bytes | memoryview]) ->
         pos += size
 
 
-def _through_pydicom(data: bytes | bytearray) -> bytes:
+def _through_pydicom(data: bytes | bytearray | memoryview) -> bytes:
     import pydicom
     from pydicom.uid import UID
 

@@ -1,12 +1,14 @@
 """Bytes in, Explicit VR Little Endian bytes out, with the DICOM rules.
 
-The output is assembled in one preallocated bytearray: every element but Pixel Data is serialized
-first, then each frame is decoded straight into its slice, so that memory stays near the decoded
-size plus one frame.
+The output is assembled in one preallocated buffer (a bytearray, or a memory file the caller
+gives: bridge.memfile): every element but Pixel Data is serialized first, then each frame is
+decoded into its slice, straight into it where the threads decode (bridge.dicom.frames), so that
+memory stays near the decoded size plus the frames in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import struct
@@ -49,7 +51,7 @@ from bridge.errors import (
     UnsupportedSyntax,
     one_line,
 )
-from bridge.jobs import Transcoded, TranscodeOptions
+from bridge.jobs import Output, Transcoded, TranscodeOptions
 from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 log = logging.getLogger(__name__)
@@ -100,11 +102,20 @@ def _shown_uid(value: str) -> str:
     return f"{value[:64]!r} ({len(value)} characters, not a UID)"
 
 
-def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Transcoded:  # noqa: B008
-    """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID."""
+def transcode(
+    data: bytes | memoryview,
+    options: TranscodeOptions = TranscodeOptions(),  # noqa: B008
+    output: Output | None = None,
+) -> Transcoded:
+    """Convert a DICOM Part-10 file to Explicit VR Little Endian, keeping every UID.
+
+    The output goes into a new bytearray, or into what `output` gives (a memory file's view).
+    """
     context = _Context()
     try:
-        return _transcode(bytes(data) if not isinstance(data, bytes) else data, options, context)
+        # A view is read where it is (a memory file's mapping); anything else as bytes.
+        source = data if isinstance(data, (bytes, memoryview)) else bytes(data)
+        return _transcode(source, options, context, output)
     except (DecodeError, UnsupportedSyntax, TooLarge) as exc:
         raise type(exc)(context.describe(str(exc))) from None
     except (BridgeError, *PROCESS_EXITS):
@@ -127,7 +138,9 @@ def transcode(data: bytes, options: TranscodeOptions = TranscodeOptions()) -> Tr
         raise DecodeError(context.describe(one_line(exc))) from exc
 
 
-def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Transcoded:
+def _transcode(
+    data: bytes | memoryview, options: TranscodeOptions, context: _Context, output: Output | None
+) -> Transcoded:
     meta, start = read_meta(memoryview(data))
     syntax = transfer_syntax_of(meta)
     context.transfer_syntax = str(syntax)
@@ -167,20 +180,21 @@ def _transcode(data: bytes, options: TranscodeOptions, context: _Context) -> Tra
     if _may_hold_icons(parsed):
         parsed.modified |= _decompress_icons(dataset, str(syntax))
     if parsed.pixel_value is None:
-        return Transcoded(_allocate(parsed, 0, "OB")[0], str(syntax), sop, forwarded=False)
+        return Transcoded(_allocate(parsed, 0, "OB", output)[0], str(syntax), sop, forwarded=False)
 
     if not parsed.encapsulated and "Rows" not in dataset:
         # Native pixel data without an Image Pixel module: nothing to check, carried verbatim.
-        return Transcoded(_copy_unknown_native(parsed), str(syntax), sop, forwarded=False)
+        out = _copy_unknown_native(parsed, output)
+        return Transcoded(out, str(syntax), sop, forwarded=False)
     spec = pixel_spec(dataset, options.max_decoded_bytes)
     if parsed.encapsulated:
-        out = _decode_encapsulated(parsed, spec, extended_offsets)
+        out = _decode_encapsulated(parsed, spec, extended_offsets, output)
     else:
-        out = _copy_native(parsed, spec)
+        out = _copy_native(parsed, spec, output)
     return Transcoded(out, str(syntax), sop, forwarded=False)
 
 
-def inflate_limit(data: bytes, max_decoded_bytes: int) -> int:
+def inflate_limit(data: bytes | memoryview, max_decoded_bytes: int) -> int:
     """How far a deflated dataset may inflate: the pixel data its header declares (within the
     size limit), and room for everything else."""
     size = image_size(data)
@@ -236,14 +250,14 @@ def pixel_spec(dataset: Dataset, max_decoded_bytes: int) -> PixelSpec:
     return spec
 
 
-def _copy_native(parsed: Parsed, spec: PixelSpec) -> bytearray:
+def _copy_native(parsed: Parsed, spec: PixelSpec, output: Output | None) -> bytearray | memoryview:
     """Re-encode native pixel data: copied as is, byte-swapped when the source is big endian."""
     value = parsed.pixel_value
     assert value is not None
     if len(value) < spec.total_bytes:
         raise DecodeError(f"pixel data is {len(value)} bytes, expected {spec.total_bytes}")
     length = len(value) + len(value) % 2
-    out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated))
+    out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated), output)
     out[offset : offset + len(value)] = value
     if not parsed.little_endian:
         width = pixel_swap_width(parsed.pixel_vr, spec.bits_allocated)
@@ -251,11 +265,11 @@ def _copy_native(parsed: Parsed, spec: PixelSpec) -> bytearray:
     return out
 
 
-def _copy_unknown_native(parsed: Parsed) -> bytearray:
+def _copy_unknown_native(parsed: Parsed, output: Output | None) -> bytearray | memoryview:
     value = parsed.pixel_value
     assert value is not None
     vr = "OB" if parsed.pixel_vr == "OB" else "OW"
-    out, offset = _allocate(parsed, len(value) + len(value) % 2, vr)
+    out, offset = _allocate(parsed, len(value) + len(value) % 2, vr, output)
     out[offset : offset + len(value)] = value
     if not parsed.little_endian and vr == "OW":
         swap_in_place(out, offset, len(value) // 2 * 2, 2)
@@ -263,9 +277,9 @@ def _copy_unknown_native(parsed: Parsed) -> bytearray:
 
 
 def _decode_encapsulated(
-    parsed: Parsed, spec: PixelSpec, extended_offsets: list[int] | None
-) -> bytearray:
-    """Decode each frame straight into its slice of the preallocated output."""
+    parsed: Parsed, spec: PixelSpec, extended_offsets: list[int] | None, output: Output | None
+) -> bytearray | memoryview:
+    """Decode each frame into its slice of the preallocated output."""
     value = parsed.pixel_value
     assert value is not None
     syntax = str(parsed.transfer_syntax)
@@ -276,23 +290,34 @@ def _decode_encapsulated(
         _mark_lossy(dataset, method)
         parsed.modified = True
 
-    decoded = iter_decoded(frames, syntax, spec)
-    first = next(decoded)
-    parsed.modified |= _set_photometric(dataset, first, spec)
-    length = spec.total_bytes + spec.total_bytes % 2
-    out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated))
-    if spec.bits_allocated == 1:
-        # Frames of 1-bit data are packed back to back, not byte-aligned: pack them together.
-        unpacked = [first.pixels.ravel()] + [f.pixels.ravel() for f in decoded]
-        packed = np.packbits(np.concatenate(unpacked) & 1, bitorder="little")
-        out[offset : offset + len(packed)] = packed.tobytes()
-        return out
     size = spec.frame_bytes
-    for index, frame in enumerate(_chain_first(first, decoded)):
-        if frame.photometric_interpretation != first.photometric_interpretation:
-            raise DecodeError(f"frame {index} decoded as {frame.photometric_interpretation}")
-        start = offset + index * size
-        out[start : start + size] = frame.pixels.data.cast("B")
+    # The output exists once the first frame has told its photometric interpretation (which
+    # may change the header); the frames decoded from then on go straight into their place.
+    pixels: list[memoryview] = []
+
+    def place(index: int) -> memoryview | None:
+        return pixels[0][index * size : (index + 1) * size] if pixels else None
+
+    decoded = iter_decoded(frames, syntax, spec, place if spec.bits_allocated != 1 else None)
+    with contextlib.closing(decoded):  # frames still decoding end before the output can
+        first = next(decoded)
+        parsed.modified |= _set_photometric(dataset, first, spec)
+        length = spec.total_bytes + spec.total_bytes % 2
+        out, offset = _allocate(parsed, length, _pixel_vr(spec.bits_allocated), output)
+        if spec.bits_allocated == 1:
+            # Frames of 1-bit data are packed back to back, not byte-aligned: pack them together.
+            unpacked = [first.pixels.ravel()] + [f.pixels.ravel() for f in decoded]
+            packed = np.packbits(np.concatenate(unpacked) & 1, bitorder="little")
+            out[offset : offset + len(packed)] = packed.tobytes()
+            return out
+        pixels.append(memoryview(out)[offset : offset + spec.total_bytes])
+        for index, frame in enumerate(_chain_first(first, decoded)):
+            if frame.photometric_interpretation != first.photometric_interpretation:
+                raise DecodeError(f"frame {index} decoded as {frame.photometric_interpretation}")
+            if not frame.placed:
+                start = offset + index * size
+                out[start : start + size] = frame.pixels.data.cast("B")
+        pixels.clear()
     return out
 
 
@@ -418,8 +443,11 @@ def _serialize(dataset: Dataset) -> bytes:
     return fp.getvalue()
 
 
-def _allocate(parsed: Parsed, pixel_length: int, pixel_vr: str) -> tuple[bytearray, int]:
-    """Allocate the whole output file with everything but the pixel bytes filled in."""
+def _allocate(
+    parsed: Parsed, pixel_length: int, pixel_vr: str, output: Output | None
+) -> tuple[bytearray | memoryview, int]:
+    """Allocate the whole output file (a bytearray, or what `output` gives) with everything
+    but the pixel bytes filled in."""
     head = DicomBytesIO()
     head.write(b"\0" * 128 + b"DICM")
     write_file_meta_info(head, _file_meta(parsed), enforce_standard=True)
@@ -430,8 +458,11 @@ def _allocate(parsed: Parsed, pixel_length: int, pixel_vr: str) -> tuple[bytearr
     prefix = head.getvalue() + before
     element = struct.pack("<HH2sHI", 0x7FE0, 0x0010, pixel_vr.encode(), 0, pixel_length)
     if parsed.pixel_value is None:
-        return bytearray(prefix + tail), len(prefix)
-    out = bytearray(len(prefix) + len(element) + pixel_length + len(tail))
+        if output is None:
+            return bytearray(prefix + tail), len(prefix)
+        element = b""
+    total = len(prefix) + len(element) + pixel_length + len(tail)
+    out = bytearray(total) if output is None else output(total)
     offset = len(prefix) + len(element)
     out[: len(prefix)] = prefix
     out[len(prefix) : offset] = element

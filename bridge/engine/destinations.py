@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 class Copy:
     """What one target is sent, and what it must then hold."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     syntax: str
     state: str  # CONVERTED or FORWARDED
     passed_through: bool  # an undecodable syntax passed on (forward_unchanged): never deleted
@@ -145,7 +145,7 @@ class DicomWebDestination:
 class Storing(Protocol):
     """A DICOM node's peer (bridge.peers.dimse.DicomPeer), as its destination uses it."""
 
-    def store(self, data: bytes | bytearray, forward: bool) -> str | None:
+    def store(self, data: bytes | bytearray | memoryview, forward: bool) -> str | None:
         """C-STORE one file (committed with verify: commitment); its warning, if any."""
         ...
 

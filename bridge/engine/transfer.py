@@ -52,7 +52,7 @@ from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes], Transcoded]
+Decoder = Callable[[bytes | memoryview], Transcoded]
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Transfer:
     # Writes a ledger entry at once; used to note a verified copy before deleting the original.
     record: Callable[[Entry], None]
     # The bytes a file's decoded copy will take, as far as its header tells (0 when it cannot).
-    decoded_size: Callable[[bytes], int]
+    decoded_size: Callable[[bytes | memoryview], int]
     # False on a cluster worker: it verifies as if it were to delete, and the coordinator, which
     # keeps the ledger, deletes the original (bridge.engine.cluster).
     deletes: bool = True

@@ -22,7 +22,7 @@ DEFAULT_POSTS = 2
 class _Pending:
     """One caller's instance in the Batcher's queue, and then its outcome."""
 
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     alone: bool  # sent in a request of its own
     wake: threading.Condition  # its caller waits on it, over the Batcher's one lock
     waiting: bool = False  # its caller waits (and is not sending another request)
@@ -64,7 +64,7 @@ class Batcher:
         """How many instances wait for a request."""
         return len(self._queue)
 
-    def store(self, data: bytes | bytearray) -> StoreOutcome:
+    def store(self, data: bytes | bytearray | memoryview) -> StoreOutcome:
         """Store one instance, retried as the client's RetryPolicy declares; its outcome once
         stored (`reason`: the archive's warning, if any). Raises StoreFailed when the archive
         did not store it, TransientError when the policy gives up, AccessDenied."""
@@ -82,7 +82,7 @@ class Batcher:
 
         return self.client.retry.call(attempt, self.client.role)
 
-    def _submit(self, data: bytes | bytearray, alone: bool) -> StoreOutcome:
+    def _submit(self, data: bytes | bytearray | memoryview, alone: bool) -> StoreOutcome:
         """Queue one instance, send requests while a slot is free and it waits, and return
         its outcome (or raise what failed its request)."""
         # Each caller waits on its own condition and is woken only when its instance is done

@@ -68,7 +68,9 @@ from bridge.peers.retry import RetryPolicy
 
 log = logging.getLogger(__name__)
 
-_Item = tuple[int, Identifiers, bytes | bytearray]  # (index in the caller's list, UIDs, file)
+_Item = tuple[
+    int, Identifiers, bytes | bytearray | memoryview
+]  # (index in the caller's list, UIDs, file)
 
 
 class DicomWebClient(HttpClient):
@@ -96,7 +98,9 @@ class DicomWebClient(HttpClient):
 
     # --- STOW-RS --------------------------------------------------------------------------
 
-    def store_batch(self, instances: Sequence[bytes | bytearray]) -> list[StoreOutcome]:
+    def store_batch(
+        self, instances: Sequence[bytes | bytearray | memoryview]
+    ) -> list[StoreOutcome]:
         """Store DICOM files with one STOW-RS request (more when the archive asks, see the
         module); the outcome of each, in order. Never retried: a request that fails as a
         whole raises (ServerUnavailable, AccessDenied, Rejected)."""
@@ -164,7 +168,7 @@ class DicomWebClient(HttpClient):
         # A random 128-bit boundary: no file can contain it but by a chance not worth a scan.
         boundary = uuid.uuid4().hex
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        chunks: list[bytes | bytearray] = []
+        chunks: list[bytes | bytearray | memoryview] = []
         for _, _, data in items:
             chunks += [head, data, b"\r\n"]
         chunks.append(f"--{boundary}--\r\n".encode())

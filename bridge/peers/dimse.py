@@ -136,7 +136,7 @@ class DicomNode:
 
     # The operations ---------------------------------------------------------------------------
 
-    def store(self, data: bytes | bytearray, *, forward: bool = False) -> Stored:
+    def store(self, data: bytes | bytearray | memoryview, *, forward: bool = False) -> Stored:
         """C-STORE one Part-10 file (and commit it when `verify` is commitment).
 
         Explicit VR Little Endian goes Implicit when that is all the node takes for the SOP
@@ -197,7 +197,7 @@ class DicomNode:
     # The exchanges -----------------------------------------------------------------------------
 
     def _c_store(
-        self, link: Link, meta: MetaUIDs, data: bytes | bytearray, forward: bool
+        self, link: Link, meta: MetaUIDs, data: bytes | bytearray | memoryview, forward: bool
     ) -> Stored:
         syntax = self._syntax_for(link, meta, forward)
         payload = data if syntax == meta.transfer_syntax else to_implicit(data)
@@ -340,7 +340,7 @@ class DicomPeer(Answers):
     def address(self) -> str:
         return self.node.peer
 
-    def store(self, data: bytes | bytearray, forward: bool) -> str | None:
+    def store(self, data: bytes | bytearray | memoryview, forward: bool) -> str | None:
         """C-STORE one file (and commit it with verify: commitment); its warning, if any."""
 
         def attempt() -> Stored:

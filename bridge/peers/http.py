@@ -13,12 +13,13 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar, cast
+from typing import Any, NoReturn, TypeVar, cast
 from urllib.parse import urlencode
 
 import requests
 import urllib3
 
+from bridge import memfile
 from bridge.config import ServerConfig
 from bridge.errors import (
     AccessDenied,
@@ -43,6 +44,8 @@ class Answer:
     status: int
     headers: Mapping[str, str]
     data: bytes
+    # With `big`: a 2xx body of memfile.BIG bytes or more, read into a memory file (data b"").
+    view: memoryview | None = None
 
 
 class HttpClient(Answers):
@@ -159,6 +162,10 @@ class HttpClient(Answers):
         answer = self._exchange(method, path, label, **kwargs)
         if answer.status < 300:
             return answer.data
+        self._refused(answer, label)
+
+    def _refused(self, answer: Answer, label: str) -> NoReturn:
+        """Raise a 4xx answer as its error (NotFound for 404)."""
         detail = error_detail(answer.data)
         if answer.status == 404:
             raise NotFound(f"{label}: not found (HTTP 404){detail}")
@@ -170,9 +177,10 @@ class HttpClient(Answers):
         path: str,
         label: str,
         *,
-        body: bytes | bytearray | None = None,
+        body: bytes | bytearray | memoryview | None = None,
         headers: dict[str, str] | None = None,
         params: Params | None = None,
+        big: bool = False,
     ) -> Answer:
         """One request: failures to answer, redirects, 5xx and refused credentials raised as
         their errors; any other answer (2xx, 4xx) returned for the caller to read."""
@@ -180,8 +188,13 @@ class HttpClient(Answers):
         url = base + path + (f"?{urlencode(params)}" if params else "")
         try:
             response = self._send(method, url, body, headers)
+            view: memoryview | None = None
             try:
-                data = response.read()
+                length = response.length_remaining if big and response.status < 300 else None
+                if length is not None and length >= memfile.BIG and memfile.SUPPORTED:
+                    data, view = b"", memfile.receive(response, length)
+                else:
+                    data = response.read()
             finally:
                 response.release_conn()
         except urllib3.exceptions.SSLError as exc:
@@ -215,7 +228,7 @@ class HttpClient(Answers):
             raise ServerUnavailable(f"{label}: HTTP {status}{error_detail(data)}")
         if status in (401, 403):
             raise AccessDenied(f"{label}: HTTP {status}, check {self._credentials}")
-        return Answer(status, response.headers, data)
+        return Answer(status, response.headers, data, view)
 
     def _node(self, path: str) -> str:
         """The node to send a request for `path` to."""
@@ -228,7 +241,7 @@ class HttpClient(Answers):
         self,
         method: str,
         url: str,
-        body: bytes | bytearray | None,
+        body: bytes | bytearray | memoryview | None,
         headers: dict[str, str] | None,
     ) -> urllib3.BaseHTTPResponse:
         """Send a request; its answer's body is left to read. Redirects are refused, and
