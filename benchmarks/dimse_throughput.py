@@ -53,7 +53,8 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 from benchmarks.throughput import CT_IMAGE_STORAGE, SIZE, ct_slice  # noqa: E402
-from bridge.peers.dimse import DEFAULT_CALLING_AE_TITLE, DicomNode  # noqa: E402
+from bridge.config import DEFAULT_CALLING_AE_TITLE  # noqa: E402
+from bridge.peers.dimse import DicomNode  # noqa: E402
 from tests.orthanc import OrthancServer, StoreSCP, discard, free_ports  # noqa: E402
 
 STORESCU = "/usr/bin/storescu"  # DCMTK's: pynetdicom installs one of its own in .venv/bin

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from bridge.config import DEFAULT_CALLING_AE_TITLE
 from bridge.dicom.dicomfile import read_meta
 from bridge.dicom.implicit import to_implicit
 from bridge.errors import (
@@ -27,7 +28,7 @@ from bridge.errors import (
     TransientError,
 )
 from bridge.peers.commitment import GroupCommit
-from bridge.peers.dimse import DEFAULT_CALLING_AE_TITLE, DicomNode, Stored
+from bridge.peers.dimse import DicomNode, Stored
 from bridge.uids import EXPLICIT_VR_LITTLE_ENDIAN, IMPLICIT_VR_LITTLE_ENDIAN
 from tests.conftest import MakeOrthanc
 from tests.dimse_peers import CT_IMAGE_STORAGE, ScriptedSCP, SilentPeer

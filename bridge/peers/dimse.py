@@ -33,7 +33,8 @@ from pynetdicom.status import (
     code_to_category,
 )
 
-from bridge.config import DicomNodeConfig
+# The kinds of verification and the default AE title are the configuration's, named once.
+from bridge.config import COMMITMENT, DEFAULT_CALLING_AE_TITLE, STATUS, DicomNodeConfig
 from bridge.dicom.header import MetaUIDs, meta_uids
 from bridge.dicom.implicit import to_implicit
 from bridge.errors import (
@@ -60,9 +61,7 @@ log = logging.getLogger(__name__)
 # module sends C-STOREs.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-DEFAULT_CALLING_AE_TITLE = "ORTHANC-BRIDGE"
 VERIFICATION = "1.2.840.10008.1.1"
-STATUS, COMMITMENT = "status", "commitment"
 _ECHO: Pair = (VERIFICATION, IMPLICIT_VR_LITTLE_ENDIAN)
 _COMMIT: Pair = (commitment.PUSH_MODEL, IMPLICIT_VR_LITTLE_ENDIAN)
 
