@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,7 @@ def test_three_kinds_at_once_with_delete_original_survive_kill_9(
     config = bridgectl.write_config(tmp_path, source, rest, delete_original=True, targets=targets)
     takers = (rest, archive, node)
     early: list[str] = []
+    samples: list[float] = []  # one per full sample: the watcher must have watched
     watching = threading.Event()
 
     def watch() -> None:
@@ -164,6 +166,7 @@ def test_three_kinds_at_once_with_delete_original_survive_kill_9(
             present = set(_held_uids(source))
             held = [set(_held_uids(server)) for server in takers]
             early.extend(uid for uid in uids - present if not all(uid in h for h in held))
+            samples.append(time.monotonic())
             watching.wait(0.05)  # a sample every 50 ms, leaving the cores to the bridge
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -183,6 +186,7 @@ def test_three_kinds_at_once_with_delete_original_survive_kill_9(
     finally:
         watching.set()
         watcher.join(timeout=30)
+    assert len(samples) > 10, "the watcher stopped sampling (a request failed)"
     assert early == [], log.read_text()[-3000:]
     for server in takers:
         _assert_copies(_held(server), originals)
